@@ -1,0 +1,299 @@
+"""The engine: owns weights, latent cache and runner; turns prompts into sampled completions."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence as Seq
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .cache import BlockManager, LatentCache, kv_bytes_per_token
+from .params import CompletionOutput, RequestOutput, SamplingParams
+from .runner import ModelRunner
+from .sampler import make_generator, sample
+from .scheduler import Chunk, EngineStats, Request, Scheduler, Sequence
+from .weights import ModelWeights
+
+log = logging.getLogger(__name__)
+
+_CPU_DEFAULT_CACHE_BYTES = 1 << 30
+
+
+class Engine:
+    """Paged-latent-cache MLA/MoE inference for transformers' DeepseekV2ForCausalLM weights.
+
+    Options: ``max_num_seqs`` (sequences decoded together), ``max_num_batched_tokens`` (tokens per step; longer
+    prompts are prefilled in chunks), ``block_size`` (tokens per cache block), cache size as ``num_blocks`` or
+    ``kv_cache_bytes`` (default: ``kv_cache_memory_fraction`` of free GPU memory, or on CPU room for
+    ``max_num_seqs`` sequences of ``min(max_model_len, 4096)`` tokens up to 1 GiB), ``max_model_len``,
+    ``eos_token_id`` (int or list), ``seed`` (draws seeds for requests that bring none), ``use_tqdm``,
+    ``prefill_attention`` ('expanded' or 'absorbed'), ``moe_backend`` ('auto', 'grouped', 'loop').
+    """
+
+    def __init__(self, config, weights: ModelWeights, *, max_num_seqs: int = 64,
+                 max_num_batched_tokens: int = 4096, block_size: int = 16, num_blocks: int | None = None,
+                 kv_cache_bytes: int | None = None, kv_cache_memory_fraction: float = 0.4,
+                 max_model_len: int | None = None, eos_token_id: int | list[int] | None = None, seed: int | None = 0,
+                 use_tqdm: bool = True, prefill_attention: str = "expanded", moe_backend: str = "auto"):
+        if max_num_seqs < 1 or max_num_batched_tokens < 1 or block_size < 1:
+            raise ValueError("max_num_seqs, max_num_batched_tokens and block_size must be positive")
+        self.config = config
+        self.weights = weights
+        self.device = weights.embed.device
+        self.dtype = weights.embed.dtype
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = int(max_model_len or config.max_position_embeddings)
+        self.use_tqdm = use_tqdm
+        self.version: int | None = None
+        self.stats = EngineStats()
+        eos = config.eos_token_id if eos_token_id is None else eos_token_id
+        self.eos_token_ids = set([eos] if isinstance(eos, int) else (eos or []))
+        self._rng = torch.Generator()
+        self._rng.manual_seed(int(torch.randint(2**62, ()).item()) if seed is None else seed)
+
+        per_token = kv_bytes_per_token(config, self.dtype)
+        if num_blocks is None:
+            if kv_cache_bytes is None:
+                if self.device.type == "cuda":
+                    free, _ = torch.cuda.mem_get_info(self.device)
+                    kv_cache_bytes = int(free * kv_cache_memory_fraction)
+                else:
+                    want = max_num_seqs * min(self.max_model_len, 4096) * per_token
+                    kv_cache_bytes = min(want, _CPU_DEFAULT_CACHE_BYTES)
+            num_blocks = kv_cache_bytes // (per_token * block_size)
+        if num_blocks < 1:
+            raise ValueError(f"the KV cache budget holds no block of {block_size} tokens ({per_token} B/token)")
+        self.cache = LatentCache(config.num_hidden_layers, num_blocks, block_size, config.kv_lora_rank,
+                                 config.qk_rope_head_dim, self.dtype, self.device)
+        self.blocks = BlockManager(num_blocks, block_size)
+        self.runner = ModelRunner(config, weights, self.cache, self.device, self.dtype, prefill_attention,
+                                  moe_backend)
+        log.info("engine: %d cache blocks x %d tokens (%.1f MiB, %d B/token), weights %.1f MiB on %s",
+                 num_blocks, block_size, self.cache.num_bytes() / 2**20, per_token, weights.num_bytes() / 2**20,
+                 self.device)
+
+    # -- construction -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_model(cls, hf_model, device=None, dtype: torch.dtype | None = None, **opts) -> Engine:
+        """Copy the weights of a transformers ``DeepseekV2ForCausalLM`` (the model itself is left untouched)."""
+        config = hf_model.config
+        embed = hf_model.get_input_embeddings().weight
+        device = torch.device(device) if device is not None else embed.device
+        weights = ModelWeights.allocate(config, device, dtype or embed.dtype)
+        weights.load_(hf_model.state_dict())
+        gen = getattr(hf_model, "generation_config", None)
+        if "eos_token_id" not in opts and gen is not None and gen.eos_token_id is not None:
+            opts["eos_token_id"] = gen.eos_token_id
+        return cls(config, weights, **opts)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device=None, dtype: torch.dtype | None = None, **opts) -> Engine:
+        """Load a saved checkpoint (local folder or hub id) with transformers, on CPU, then copy it to ``device``.
+
+        transformers does the checkpoint-format work (original per-expert names are converted to the stacked
+        layout on load), so anything ``AutoModelForCausalLM`` reads, the engine reads.
+        """
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or "auto")
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        engine = cls.from_model(model, device=device, dtype=dtype, **opts)
+        del model
+        return engine
+
+    @classmethod
+    def from_config(cls, config, device="meta", dtype: torch.dtype = torch.bfloat16, **opts) -> Engine:
+        """An engine with uninitialised weights; on the meta device it sizes a model without allocating it."""
+        return cls(config, ModelWeights.allocate(config, torch.device(device), dtype), **opts)
+
+    # -- weights ------------------------------------------------------------------------------------------------
+    def load_weights(self, state_dict: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+                     version: int | None = None, strict: bool = True) -> None:
+        """Swap in new weights (transformers names) in place: no tensor, weight or cache, is re-allocated."""
+        self.weights.load_(state_dict, strict=strict)
+        self.version = version if version is not None else (self.version or 0) + 1
+
+    def kv_bytes_per_token(self) -> int:
+        return kv_bytes_per_token(self.config, self.cache.kv.dtype)
+
+    def reset_stats(self) -> None:
+        self.stats = EngineStats()
+
+    # -- generation ---------------------------------------------------------------------------------------------
+    def generate(self, prompt_token_ids: list[list[int]],
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 use_tqdm: bool | None = None) -> list[RequestOutput]:
+        """Complete every prompt; one ``RequestOutput`` per prompt, in order, each with ``params.n`` samples."""
+        prompts = self._check_prompts(prompt_token_ids)
+        params = self._per_prompt(sampling_params, len(prompts))
+        self.blocks.reset()
+        sched = Scheduler(self.blocks, self.max_num_seqs, self.max_num_batched_tokens, self.stats)
+        requests = []
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            seed = p.seed if p.seed is not None else int(torch.randint(2**62, (), generator=self._rng).item())
+            requests.append(Request(i, prompt, p, seed))
+            sched.add(requests[-1])
+        show = self.use_tqdm if use_tqdm is None else use_tqdm
+        with tqdm(total=len(requests), desc="generate", unit="prompt", disable=not show) as bar:
+            while sched.has_unfinished():
+                self._step(sched, bar)
+        return [self._output(r) for r in requests]
+
+    def _step(self, sched: Scheduler, bar) -> None:
+        plan = sched.schedule()
+        if plan is None:
+            raise RuntimeError(f"engine scheduler stalled: {len(sched.waiting)} waiting, {len(sched.running)} "
+                               f"running, {self.blocks.num_free}/{self.blocks.num_blocks} blocks free")
+        self.cache.copy_blocks(plan.copies)
+        record = any(c.seq.request.params.return_routing for c in plan.chunks)
+        logits, routing = self._forward(plan.chunks, record)
+        n_tokens = sum(c.length for c in plan.chunks)
+        if plan.prefill:
+            self.stats.prefill_steps += 1
+            self.stats.prefill_tokens += n_tokens
+        else:
+            self.stats.decode_steps += 1
+            self.stats.decode_tokens += n_tokens
+
+        routing = routing.cpu() if routing is not None else None
+        to_sample: list[tuple[Sequence, int]] = []
+        offset, row = 0, 0
+        for c in plan.chunks:
+            wants = routing is not None and c.seq.request.params.return_routing
+            sched.computed(c, routing[offset:offset + c.length] if wants else None)
+            offset += c.length
+            if not c.completes:
+                continue
+            if c.seq.is_prefix:
+                req = c.seq.request
+                gens = [make_generator(req.seed, i) for i in range(req.params.n)]
+                to_sample += [(s, row) for s in sched.fork(c.seq, gens)]
+            else:
+                to_sample.append((c.seq, row))
+            row += 1
+        if not to_sample:
+            return
+        rows = logits[torch.tensor([r for _, r in to_sample], device=logits.device)]
+        seqs = [s for s, _ in to_sample]
+        tokens, logprobs = sample(rows, [s.request.params for s in seqs], [s.generator for s in seqs])
+        for s, tok, lp in zip(seqs, tokens, logprobs):
+            self._append(sched, s, tok, lp, bar)
+
+    def _forward(self, chunks: list[Chunk], record_routing: bool):
+        ids, rows, offset = [], [], 0
+        for c in chunks:
+            ids.extend(c.seq.tokens[c.start:c.start + c.length])
+            offset += c.length
+            if c.completes:
+                rows.append(offset - 1)
+        batch = self.runner.batch([c.start for c in chunks], [c.length for c in chunks],
+                                  [c.seq.block_table for c in chunks])
+        input_ids = torch.tensor(ids, device=self.device)
+        return self.runner.forward(input_ids, batch, torch.tensor(rows, device=self.device), record_routing)
+
+    def _append(self, sched: Scheduler, s: Sequence, token: int, logprob: float, bar) -> None:
+        p = s.request.params
+        s.tokens.append(token)
+        s.logprobs.append(logprob)
+        if (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids:
+            sched.finish(s, "stop")
+        elif s.num_generated >= p.max_tokens or len(s.tokens) >= self.max_model_len:
+            sched.finish(s, "length")
+        if s.request.finished:
+            bar.update(1)
+
+    def _output(self, req: Request) -> RequestOutput:
+        p, n_prompt = req.params, len(req.prompt)
+        outs = []
+        for s in req.samples:
+            routing = None
+            if p.return_routing:
+                k = self.config.num_experts_per_tok
+                routing = (torch.cat(s.routing) if s.routing
+                           else torch.zeros(0, self.runner.num_moe_layers, k, dtype=torch.int32))
+            outs.append(CompletionOutput(index=s.index, token_ids=s.tokens[n_prompt:],
+                                         logprobs=list(s.logprobs) if p.logprobs else None,
+                                         finish_reason=s.finish_reason, routing=routing))
+        return RequestOutput(request_id=req.request_id, prompt_token_ids=list(req.prompt), outputs=outs)
+
+    # -- teacher forcing ----------------------------------------------------------------------------------------
+    def score(self, prompt_token_ids: list[list[int]], completion_token_ids: list[list[int]]) -> list[list[float]]:
+        """Log-probabilities of each completion token given its prompt and the completion tokens before it."""
+        if len(prompt_token_ids) != len(completion_token_ids):
+            raise ValueError("score: need one completion per prompt")
+        seqs = [list(p) + list(c) for p, c in zip(self._check_prompts(prompt_token_ids), completion_token_ids)]
+        for i, s in enumerate(seqs):
+            if len(s) > self.max_model_len or self.blocks.blocks_for(len(s)) > self.blocks.num_blocks:
+                raise ValueError(f"score: prompt+completion {i} ({len(s)} tokens) does not fit the engine")
+        self.blocks.reset()
+        results: list[list[float]] = [[] for _ in seqs]
+        todo = list(range(len(seqs)))
+        while todo:
+            group, tokens = [], 0
+            for i in todo:  # as many as fit the token budget and the cache (always at least one)
+                need = self.blocks.blocks_for(len(seqs[i]))
+                if group and (tokens + len(seqs[i]) > self.max_num_batched_tokens or need > self.blocks.num_free):
+                    break
+                table: list[int] = []
+                self.blocks.reserve(table, 0, len(seqs[i]), [])
+                group.append((i, table))
+                tokens += len(seqs[i])
+            todo = todo[len(group):]
+            self._score_group(seqs, [len(prompt_token_ids[i]) for i, _ in group], group, results)
+            for _, table in group:
+                self.blocks.free(table)
+        return results
+
+    def _score_group(self, seqs, prompt_lens, group, results) -> None:
+        ids, rows, targets, offset = [], [], [], 0
+        for (i, _), n_prompt in zip(group, prompt_lens):
+            s = seqs[i]
+            ids.extend(s)
+            rows.extend(range(offset + n_prompt - 1, offset + len(s) - 1))
+            targets.extend(s[n_prompt:])
+            offset += len(s)
+        batch = self.runner.batch([0] * len(group), [len(seqs[i]) for i, _ in group], [t for _, t in group])
+        logits, _ = self.runner.forward(torch.tensor(ids, device=self.device), batch,
+                                        torch.tensor(rows, dtype=torch.long, device=self.device))
+        lp = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(targets, device=self.device)[:, None])
+        lp = lp.squeeze(1).tolist()
+        at = 0
+        for (i, _), n_prompt in zip(group, prompt_lens):
+            n = len(seqs[i]) - n_prompt
+            results[i] = lp[at:at + n]
+            at += n
+
+    # -- input checks -------------------------------------------------------------------------------------------
+    def _check_prompts(self, prompts) -> list[list[int]]:
+        if not isinstance(prompts, (list, tuple)) or (prompts and isinstance(prompts[0], int)):
+            raise TypeError("prompt_token_ids must be a list of token-id lists, one per prompt")
+        vocab = self.config.vocab_size
+        out = []
+        for i, p in enumerate(prompts):
+            p = p.tolist() if isinstance(p, torch.Tensor) else list(p)
+            if not p:
+                raise ValueError(f"prompt {i} is empty")
+            if any(not 0 <= t < vocab for t in p):
+                raise ValueError(f"prompt {i} has token ids outside [0, {vocab})")
+            if len(p) >= self.max_model_len:
+                raise ValueError(f"prompt {i} has {len(p)} tokens; max_model_len is {self.max_model_len}")
+            if self.blocks.blocks_for(len(p)) > self.blocks.num_blocks:
+                raise ValueError(f"prompt {i} ({len(p)} tokens) does not fit the whole KV cache "
+                                 f"({self.blocks.num_blocks} blocks of {self.blocks.block_size})")
+            out.append(p)
+        return out
+
+    @staticmethod
+    def _per_prompt(params, n: int) -> list[SamplingParams]:
+        if params is None:
+            return [SamplingParams()] * n
+        if isinstance(params, SamplingParams):
+            return [params] * n
+        params = list(params)
+        if len(params) != n:
+            raise ValueError(f"got {len(params)} SamplingParams for {n} prompts")
+        return params

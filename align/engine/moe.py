@@ -1,0 +1,112 @@
+"""DeepSeekMoE feed-forward: fp32 router, top-k routed experts, always-on shared experts.
+
+Routing follows transformers' DeepseekV2TopkRouter to the letter, including what it leaves out: it never
+renormalises the top-k weights, whatever ``norm_topk_prob`` says (DeepSeek-V2 and -Lite ship with it False),
+so neither does the engine; the weights are only multiplied by ``routed_scaling_factor``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .ops import dense_mlp
+from .weights import MoEWeights
+
+log = logging.getLogger(__name__)
+
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+@dataclass(frozen=True)
+class Routing:
+    num_experts: int
+    top_k: int
+    method: str  # "greedy" | "group_limited_greedy"
+    n_group: int | None
+    topk_group: int | None
+    scaling: float
+
+    @classmethod
+    def from_config(cls, config) -> Routing:
+        method = config.topk_method or "greedy"
+        if method not in ("greedy", "group_limited_greedy"):
+            raise NotImplementedError(f"topk_method {method!r} is not supported (greedy, group_limited_greedy)")
+        if getattr(config, "norm_topk_prob", False):
+            log.warning("norm_topk_prob=True is ignored, as transformers' DeepseekV2 ignores it")
+        return cls(config.n_routed_experts, config.num_experts_per_tok, method, config.n_group,
+                   config.topk_group, float(config.routed_scaling_factor))
+
+
+def route(x: torch.Tensor, router: torch.Tensor, r: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, H) -> top-k weights (N, k) fp32 and expert ids (N, k) int64."""
+    scores = F.linear(x.float(), router.float()).softmax(dim=-1, dtype=torch.float32)  # (N, E)
+    if r.method == "group_limited_greedy":
+        per_group = r.num_experts // r.n_group
+        group_scores = scores.view(-1, r.n_group, per_group).max(dim=-1).values  # (N, G)
+        group_idx = torch.topk(group_scores, k=r.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+        score_mask = group_mask[..., None].expand(-1, r.n_group, per_group).reshape(-1, r.num_experts)
+        scores = scores.masked_fill(~score_mask.bool(), 0.0)
+    weights, idx = torch.topk(scores, k=r.top_k, dim=-1, sorted=False)
+    return weights * r.scaling, idx
+
+
+def experts_grouped(x, idx, weights, gate_up, down, act) -> torch.Tensor:
+    """All routed experts in two grouped GEMMs over tokens sorted by expert; no host sync (graph friendly)."""
+    k = idx.shape[1]
+    flat = idx.reshape(-1)  # (N*k,)
+    order = torch.argsort(flat, stable=True)
+    token = order // k  # (N*k,) source token of each sorted assignment
+    offs = torch.cumsum(torch.bincount(flat, minlength=gate_up.shape[0]), 0).to(torch.int32)  # (E,) group ends
+    h = _GROUPED_MM(x[token], gate_up.transpose(1, 2), offs=offs)  # (N*k, 2I)
+    gate, up = h.chunk(2, dim=-1)
+    y = _GROUPED_MM(act(gate) * up, down.transpose(1, 2), offs=offs)  # (N*k, H)
+    y = (y * weights.reshape(-1)[order, None]).to(x.dtype)
+    return torch.zeros_like(x).index_add_(0, token, y)
+
+
+def experts_loop(x, idx, weights, gate_up, down, act) -> torch.Tensor:
+    """One matmul pair per expert that received tokens, as the reference computes it."""
+    k = idx.shape[1]
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=gate_up.shape[0]).tolist()
+    out = torch.zeros_like(x)
+    w = weights.reshape(-1)
+    start = 0
+    for e, count in enumerate(counts):
+        if count == 0:
+            continue
+        rows = order[start:start + count]
+        start += count
+        token = rows // k
+        gate, up = F.linear(x[token], gate_up[e]).chunk(2, dim=-1)
+        y = F.linear(act(gate) * up, down[e]) * w[rows, None]
+        out.index_add_(0, token, y.to(out.dtype))
+    return out
+
+
+def pick_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    if backend not in ("auto", "grouped", "loop"):
+        raise ValueError(f"moe_backend must be 'auto', 'grouped' or 'loop', got {backend!r}")
+    if backend == "grouped" and _GROUPED_MM is None:
+        raise ValueError("moe_backend='grouped' needs torch.nn.functional.grouped_mm (torch >= 2.10)")
+    if backend != "auto":
+        return backend
+    # CUDA grouped GEMM kernels take bf16; CPU's take any float dtype.
+    ok = _GROUPED_MM is not None and (device.type == "cpu" or dtype == torch.bfloat16)
+    return "grouped" if ok else "loop"
+
+
+def moe_forward(w: MoEWeights, x: torch.Tensor, r: Routing, act, backend: str):
+    """(N, H) -> (N, H) output and (N, k) routed expert ids."""
+    weights, idx = route(x, w.router, r)
+    fn = experts_grouped if backend == "grouped" else experts_loop
+    out = fn(x, idx, weights, w.gate_up, w.down, act)
+    if w.shared is not None:
+        out = out + dense_mlp(x, w.shared, act)
+    return out, idx

@@ -1,0 +1,29 @@
+"""Small numerical building blocks shared by attention and the feed-forward layers."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .weights import DenseMLPWeights
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """DeepseekV2RMSNorm: normalise in fp32, cast back, then scale (the order matters in bf16)."""
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(dtype)
+
+
+def activation(name: str):
+    """transformers' own activation table, so 'silu', 'gelu', ... mean exactly what the model was trained with."""
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[name]
+
+
+def dense_mlp(x: torch.Tensor, w: DenseMLPWeights, act) -> torch.Tensor:
+    """down(act(gate(x)) * up(x)) with gate and up in one matmul: (N, H) -> (N, H)."""
+    gate, up = F.linear(x, w.gate_up, w.gate_up_bias).chunk(2, dim=-1)  # (N, I) each
+    return F.linear(act(gate) * up, w.down, w.down_bias)

@@ -1,0 +1,59 @@
+"""One forward pass of the model over a step's packed tokens: embeddings, layers, final norm, logits."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .attention import AttnBatch, MLAShape, mla_forward
+from .cache import LatentCache
+from .moe import Routing, moe_forward, pick_backend
+from .ops import activation, dense_mlp, rms_norm
+from .rope import Rotary, softmax_scale
+from .weights import ModelWeights, MoEWeights
+
+
+class ModelRunner:
+    def __init__(self, config, weights: ModelWeights, cache: LatentCache, device: torch.device, dtype: torch.dtype,
+                 prefill_attention: str = "expanded", moe_backend: str = "auto"):
+        if prefill_attention not in ("expanded", "absorbed"):
+            raise ValueError(f"prefill_attention must be 'expanded' or 'absorbed', got {prefill_attention!r}")
+        self.weights = weights
+        self.cache = cache
+        self.device = device
+        self.rotary = Rotary(config, device)
+        self.shape = MLAShape.from_config(config, softmax_scale(config))
+        self.routing = Routing.from_config(config)
+        self.act = activation(config.hidden_act)
+        self.eps = config.rms_norm_eps
+        self.prefill_attention = prefill_attention
+        self.moe_backend = pick_backend(moe_backend, device, dtype)
+        self.num_moe_layers = sum(isinstance(layer.mlp, MoEWeights) for layer in weights.layers)
+
+    def batch(self, starts: list[int], lengths: list[int], tables: list[list[int]]) -> AttnBatch:
+        return AttnBatch.build(starts, lengths, tables, self.cache.block_size, self.rotary, self.device)
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, batch: AttnBatch, logit_rows: torch.Tensor,
+                record_routing: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(N,) new tokens -> fp32 logits (M, V) at packed rows ``logit_rows`` (M,), and optionally the routed
+        experts of every new token, (N, n_moe_layers, top_k)."""
+        w = self.weights
+        absorb = batch.query_len == 1 or self.prefill_attention == "absorbed"
+        h = F.embedding(input_ids, w.embed)  # (N, H)
+        routes = []
+        for i, layer in enumerate(w.layers):
+            x = rms_norm(h, layer.input_norm, self.eps)
+            h = h + mla_forward(layer.attn, x, batch, self.cache, i, self.shape, absorb)
+            x = rms_norm(h, layer.post_norm, self.eps)
+            if isinstance(layer.mlp, MoEWeights):
+                out, idx = moe_forward(layer.mlp, x, self.routing, self.act, self.moe_backend)
+                if record_routing:
+                    routes.append(idx)
+            else:
+                out = dense_mlp(x, layer.mlp, self.act)
+            h = h + out
+        h = rms_norm(h[logit_rows], w.norm, self.eps)  # only rows whose next token is wanted
+        logits = F.linear(h, w.lm_head).float()
+        routing = torch.stack(routes, dim=1).to(torch.int32) if routes else None  # (N, n_moe, k)
+        return logits, routing

@@ -1,0 +1,344 @@
+"""The GRPO stage: TRL ``GRPOTrainer`` whose ``rollout_func`` is served by MLA/MoE engines.
+
+``rollout.mode: ray`` spreads prompt groups over a ``RolloutPool`` of Ray actors; ``rollout.mode: colocated`` runs
+one engine inside the trainer process.  Before each rollout the pool is brought to the trainer's current policy
+version (``global_step``), so no rollout mixes versions.  The engine's sampling log-probabilities go back to TRL, so
+its importance-sampling correction (``trainer.vllm_importance_sampling_correction``) works for our engine too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list, gather_object
+from datasets import Dataset
+from transformers import TrainerCallback
+
+from align import recipe as recipes
+from align.chat import prompt_messages
+from align.checkpoint import DTYPES, load_base, load_trained
+from align.data import load_rows
+from align.metrics import heldout_math, write_metrics
+from align.model import load_tokenizer
+from align.recipe import DataSource, EvalSection, ModelSection, PeftSection
+from align.rollout import ColocatedRollout, policy_state_dict
+from align.sft import check_world_size, lora_config
+from align.stage import install_final, last_checkpoint, lineage, prepare_output_dir
+from ray_jobs.records import PromptGroup, Sampling
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class RewardSpec:
+    name: str = dataclasses.field(metadata={"help": "math_accuracy | code_tests | format | learned:<path>"})
+    weight: float = dataclasses.field(default=1.0, metadata={"help": "weight in the summed reward"})
+    options: dict = dataclasses.field(default_factory=dict, metadata={"help": "keyword options of the reward"})
+
+
+@dataclasses.dataclass
+class RolloutSection:
+    mode: Literal["ray", "colocated"] = dataclasses.field(
+        default="ray", metadata={"help": "Ray actor pool, or one engine in the trainer process"})
+    workers: int = dataclasses.field(default=2, metadata={"help": "rollout actors (ray mode)"})
+    num_cpus: float = dataclasses.field(default=1, metadata={"help": "CPUs per rollout actor"})
+    num_gpus: float = dataclasses.field(default=0, metadata={"help": "GPUs per rollout actor"})
+    timeout_s: float = dataclasses.field(default=600, metadata={"help": "a worker silent this long is replaced"})
+    max_num_seqs: int = dataclasses.field(default=256, metadata={"help": "engine: sequences decoded together"})
+    return_routing: bool = dataclasses.field(default=True, metadata={"help": "record routed experts (expert load)"})
+    device: str | None = dataclasses.field(default=None, metadata={"help": "engine device; default: cuda if any"})
+
+
+@dataclasses.dataclass
+class RaySection:
+    address: str | None = dataclasses.field(default=None, metadata={"help": "join a cluster; null = embedded"})
+    num_cpus: int | None = dataclasses.field(default=None, metadata={"help": "CPUs of the embedded Ray"})
+
+
+@dataclasses.dataclass
+class GRPOData:
+    train: list[DataSource] = dataclasses.field(metadata={"help": "prompt sources (math and/or code rows)"})
+
+
+@dataclasses.dataclass
+class GRPORecipe:
+    output_dir: str
+    seed: int
+    model: ModelSection
+    data: GRPOData
+    eval: EvalSection
+    rewards: list[RewardSpec]
+    rollout: RolloutSection = dataclasses.field(default_factory=RolloutSection)
+    ray: RaySection = dataclasses.field(default_factory=RaySection)
+    trainer: dict = dataclasses.field(default_factory=dict, metadata={"help": "passed to trl.GRPOConfig"})
+    peft: PeftSection | None = None
+
+
+recipes.register_stage("grpo", GRPORecipe, "GRPOConfig")
+
+
+def prompt_dataset(sources) -> Dataset:
+    rows = []
+    for src in sources:
+        for row in load_rows(src.path, src.kind, columns=src.columns or None, split=src.split, limit=src.limit):
+            rows.append({"prompt": prompt_messages(row["prompt"]), "answer": row.get("answer"),
+                         "tests": row.get("tests"), "entry_point": row.get("entry_point"),
+                         "io_cases": row.get("io_cases")})
+    return Dataset.from_list(rows)
+
+
+class Timers:
+    def __init__(self):
+        self.acc: dict[str, float] = {}
+
+    def add(self, key: str, seconds: float) -> None:
+        self.acc[key] = self.acc.get(key, 0.0) + seconds
+
+    def pop(self) -> dict[str, float]:
+        out, self.acc = self.acc, {}
+        return out
+
+
+def timed_reward(fn, timers: Timers):
+    def wrapped(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            timers.add("reward", time.perf_counter() - t0)
+
+    wrapped.__name__ = getattr(fn, "__name__", "reward")
+    return wrapped
+
+
+class EngineRollout:
+    """GRPO's ``rollout_func``: groups of identical prompts in, one engine completion per row out."""
+
+    def __init__(self, backend, tokenizer, seed: int, return_routing: bool, timers: Timers, log_path: Path):
+        self.backend, self.tokenizer, self.seed = backend, tokenizer, seed
+        self.return_routing, self.timers, self.log_path = return_routing, timers, log_path
+        self.calls = 0
+        self.last: dict = {}
+
+    def __call__(self, prompts: list, trainer) -> dict:
+        state = PartialState()
+        every = gather_object(prompts) if state.num_processes > 1 else prompts
+        out = [self._rollout(every, trainer)] if state.is_main_process else [None]
+        if state.num_processes > 1:
+            broadcast_object_list(out, from_process=0)
+            start = state.process_index * len(prompts)
+            return {k: v[start:start + len(prompts)] for k, v in out[0].items()}
+        return out[0]
+
+    def _rollout(self, prompts: list, trainer) -> dict:
+        g = trainer.num_generations if trainer.model.training else trainer.num_generations_eval
+        if len(prompts) % g:
+            raise RuntimeError(f"rollout got {len(prompts)} prompts, not a multiple of num_generations={g}")
+        version = trainer.state.global_step
+        sync_s = 0.0
+        if self.backend.version != version:
+            sync_s = self.backend.sync_weights(policy_state_dict(trainer.model_wrapped_unwrapped()), version)
+            self.timers.add("sync", sync_s)
+        unique = prompts[::g]
+        for i, p in enumerate(unique):
+            if any(q != p for q in prompts[i * g:(i + 1) * g]):
+                raise RuntimeError("rollout expects each prompt repeated num_generations times in a row")
+        groups = [
+            PromptGroup(i, self.tokenizer.apply_chat_template(p, tokenize=True, add_generation_prompt=True,
+                                                              return_dict=True)["input_ids"],
+                        seed=hash((self.seed, version, self.calls, i)) & 0x7FFFFFFF)
+            for i, p in enumerate(unique)
+        ]
+        args = trainer.args
+        sampling = Sampling(n=g, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or 0,
+                            max_tokens=args.max_completion_length, stop_token_ids=[self.tokenizer.eos_token_id],
+                            return_routing=self.return_routing)
+        t0 = time.perf_counter()
+        records = self.backend.generate(groups, sampling)
+        gen_s = time.perf_counter() - t0
+        self.timers.add("generation", gen_s)
+        self.calls += 1
+        versions = [r.policy_version for r in records]
+        out = {"prompt_ids": [], "completion_ids": [], "logprobs": [], "policy_version": []}
+        for r in records:
+            for c in r.completions:
+                out["prompt_ids"].append(r.prompt_ids)
+                out["completion_ids"].append(c.token_ids)
+                out["logprobs"].append(c.logprobs)
+                out["policy_version"].append(r.policy_version)
+        self.last = {"step": version, "policy_versions": sorted(set(versions)), "groups": len(records),
+                     "completions": len(out["completion_ids"]), "generation_s": gen_s, "sync_s": sync_s,
+                     "workers": _count(r.worker for r in records), "expert_load": expert_load(records)}
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(self.last) + "\n")
+        return out
+
+
+def _count(items) -> dict:
+    out: dict = {}
+    for x in items:
+        out[x] = out.get(x, 0) + 1
+    return out
+
+
+def expert_load(records) -> list[list[int]] | None:
+    """Tokens routed to each expert, per MoE layer: (n_moe_layers, n_experts) as nested lists."""
+    routes = [c.routing for r in records for c in r.completions if c.routing is not None and c.routing.numel()]
+    if not routes:
+        return None
+    flat = torch.cat([x.long() for x in routes])                      # (T_total, L, k)
+    n_experts = int(flat.max()) + 1
+    counts = torch.stack([torch.bincount(flat[:, layer].flatten(), minlength=n_experts)
+                          for layer in range(flat.shape[1])])         # (L, E)
+    return counts.tolist()
+
+
+class StepMetrics(TrainerCallback):
+    """Adds the time split (generation / reward / sync / training) and expert load to the logged metrics."""
+
+    def __init__(self, trainer_ref, rollout: EngineRollout, timers: Timers):
+        self.trainer_ref, self.rollout, self.timers = trainer_ref, rollout, timers
+        self.t0 = 0.0
+
+    def on_step_begin(self, args, state, control, **kw):
+        self.t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        metrics = self.trainer_ref()._metrics["train"]
+        split = self.timers.pop()
+        step_s = time.perf_counter() - self.t0
+        for key in ("generation", "reward", "sync"):
+            metrics[f"time/{key}_s"].append(split.get(key, 0.0))
+        metrics["time/training_s"].append(max(0.0, step_s - sum(split.values())))
+        metrics["time/step_s"].append(step_s)
+        load = self.rollout.last.get("expert_load")
+        if load:
+            for layer, counts in enumerate(load):
+                mean = sum(counts) / len(counts)
+                metrics[f"experts/layer{layer}_imbalance"].append(max(counts) / mean if mean else 0.0)
+
+
+def make_trainer_class():
+    from trl import GRPOTrainer
+
+    class AlignGRPOTrainer(GRPOTrainer):
+        """GRPOTrainer that lets a custom rollout's sampling log-probs drive TRL's importance-sampling correction.
+
+        TRL gates that correction on ``use_vllm``; after construction we raise the flag (when the recipe asks for the
+        correction) and keep TRL's vLLM weight-sync path idle, since our rollout syncs its own engines.
+        """
+
+        def model_wrapped_unwrapped(self):
+            return self.accelerator.unwrap_model(self.model)
+
+        def _generate(self, prompts):
+            self._last_loaded_step = self.state.global_step  # our rollout syncs the engines itself
+            return super()._generate(prompts)
+
+    return AlignGRPOTrainer
+
+
+class GRPORun:
+    def __init__(self, loaded: recipes.Loaded, resume: bool = False):
+        self.loaded, self.recipe, self.resume = loaded, loaded.recipe, resume
+        self.out = Path(self.recipe.output_dir)
+        self.timers = Timers()
+        from rewards.registry import combine
+
+        self.reward_funcs, self.reward_weights = combine([dataclasses.asdict(s) for s in self.recipe.rewards])
+        self.args = recipes.trainer_config("grpo", self.recipe, reward_weights=self.reward_weights)
+        _ = self.args.device
+        self.state = PartialState()
+        check_world_size(self.state)
+
+    def setup(self) -> None:
+        r = self.recipe
+        if self.state.is_main_process:
+            prepare_output_dir(self.out, self.resume)
+        self.state.wait_for_everyone()
+        if self.state.is_main_process:
+            recipes.write_lock(self.loaded, self.out)
+        self.inherited = lineage(r.model.path)
+        self.tokenizer = load_tokenizer(r.model.tokenizer or r.model.path)
+        model = load_base(dataclasses.asdict(r.model), self.tokenizer, r.seed, DTYPES[r.model.dtype])
+        self.backend = self._backend(model) if self.state.is_main_process else None
+        self.rollout = EngineRollout(self.backend, self.tokenizer, r.seed, r.rollout.return_routing, self.timers,
+                                     self.out / "rollouts.jsonl")
+        cls = make_trainer_class()
+        self.trainer = cls(model=model, reward_funcs=[timed_reward(f, self.timers) for f in self.reward_funcs],
+                           args=self.args, train_dataset=prompt_dataset(r.data.train),
+                           processing_class=self.tokenizer, peft_config=lora_config(r.peft) if r.peft else None,
+                           rollout_func=self.rollout)
+        if self.args.vllm_importance_sampling_correction:
+            self.trainer.use_vllm = True
+        import weakref
+
+        self.trainer.add_callback(StepMetrics(weakref.ref(self.trainer), self.rollout, self.timers))
+
+    def _backend(self, model):
+        r = self.recipe
+        opts = {"max_num_seqs": r.rollout.max_num_seqs}
+        if r.rollout.device:
+            opts["device"] = r.rollout.device
+        if r.rollout.mode == "colocated":
+            return ColocatedRollout(model, opts)
+        from ray_jobs.pool import RolloutPool, init_ray
+
+        init_ray(r.ray.address, r.ray.num_cpus)
+        return RolloutPool(model.config, r.rollout.workers, r.rollout.num_cpus, r.rollout.num_gpus, opts,
+                           timeout_s=r.rollout.timeout_s)
+
+    def train(self) -> dict:
+        ckpt = last_checkpoint(self.out) if self.resume else None
+        if ckpt:
+            log.info("resuming from %s", ckpt)
+        result = self.trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+        return {"train_loss": result.training_loss, "global_step": result.global_step,
+                **{k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}}
+
+    def save(self) -> None:
+        tmp = self.out / ".final.tmp"
+        self.trainer.save_model(str(tmp))
+        self.state.wait_for_everyone()
+        if self.state.is_main_process:
+            self.tokenizer.save_pretrained(str(tmp))
+            install_final(tmp, self.out)
+        self.state.wait_for_everyone()
+
+    def evaluate(self, train_metrics: dict) -> dict | None:
+        if not self.state.is_main_process:
+            return None
+        model = load_trained(self.out, DTYPES[self.recipe.model.dtype])
+        start = {}
+        if self.recipe.model.path and (Path(self.recipe.model.path) / "metrics.json").exists():
+            prev = json.loads((Path(self.recipe.model.path) / "metrics.json").read_text())
+            start = {f"start_{k}": prev[k] for k in ("heldout_math_accuracy", "heldout_math_pass1") if k in prev}
+        metrics = {**train_metrics, **start,
+                   **heldout_math(model, self.tokenizer, self.recipe.eval, self.recipe.seed),
+                   "recipe_sha256": self.loaded.sha256, "inherited": self.inherited,
+                   "pool": dataclasses.asdict(self.backend.stats) if hasattr(self.backend, "stats") else {}}
+        write_metrics(self.out, metrics)
+        return metrics
+
+    def cleanup(self) -> None:
+        if self.backend is not None:
+            self.backend.shutdown()
+
+
+def run(loaded: recipes.Loaded, resume: bool = False) -> dict | None:
+    torch.manual_seed(loaded.recipe.seed)
+    job = GRPORun(loaded, resume)
+    try:
+        job.setup()
+        train_metrics = job.train()
+        job.save()
+        return job.evaluate(train_metrics)
+    finally:
+        job.cleanup()

@@ -1,0 +1,123 @@
+"""The SFT stage: TRL ``SFTTrainer`` on chat-formatted task data, loss on assistant tokens only.
+
+One recipe file drives it (``recipes/*/sft.yaml``): ``setup`` builds tokenizer, model, data and trainer from the
+recipe; ``train`` runs (or resumes) it; ``save`` writes the final model (or LoRA adapter) into ``output_dir``;
+``evaluate`` scores held-out loss and held-out math and writes ``metrics.json``.
+Works unchanged under ``accelerate launch`` (DDP or FSDP2; CPU/gloo or GPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import random
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from datasets import Dataset
+
+from align import recipe as recipes
+from align.data import load_rows, to_messages
+from align.metrics import heldout_math, write_metrics
+from align.model import count_parameters, load_tokenizer
+from align.checkpoint import DTYPES, load_base, load_trained
+from align.stage import install_final, last_checkpoint, lineage, prepare_output_dir
+
+log = logging.getLogger(__name__)
+
+
+def messages_dataset(sources, seed: int) -> Dataset:
+    rows = []
+    for src in sources:
+        for row in load_rows(src.path, src.kind, columns=src.columns or None, split=src.split, limit=src.limit):
+            rows.append({"messages": to_messages(row, src.kind)})
+    random.Random(seed).shuffle(rows)  # mix kinds so every batch sees math, code and chat
+    return Dataset.from_list(rows)
+
+
+def lora_config(peft_section):
+    from peft import LoraConfig
+
+    return LoraConfig(r=peft_section.r, lora_alpha=peft_section.lora_alpha, lora_dropout=peft_section.lora_dropout,
+                      target_modules=peft_section.target_modules, task_type="CAUSAL_LM")
+
+
+class SFTRun:
+    def __init__(self, loaded: recipes.Loaded, resume: bool = False):
+        self.loaded, self.recipe, self.resume = loaded, loaded.recipe, resume
+        self.out = Path(self.recipe.output_dir)
+        self.args = recipes.trainer_config("sft", self.recipe)
+        # Touching args.device creates the process group with the recipe's use_cpu; a PartialState made
+        # before it would pin cpu=False, and on a CPU box accelerate then runs N unrelated single processes.
+        _ = self.args.device
+        self.state = PartialState()
+        check_world_size(self.state)
+
+    def setup(self) -> None:
+        from trl import SFTTrainer
+
+        r = self.recipe
+        if self.state.is_main_process:
+            prepare_output_dir(self.out, self.resume)
+        self.state.wait_for_everyone()
+        if self.state.is_main_process:
+            recipes.write_lock(self.loaded, self.out)
+        self.inherited = lineage(r.model.path)
+        self.tokenizer = load_tokenizer(r.model.tokenizer or r.model.path)
+        model = load_base(dataclasses.asdict(r.model), self.tokenizer, r.seed, DTYPES[r.model.dtype])
+        log.info("model: %.2fM parameters, dtype %s", count_parameters(model) / 1e6, r.model.dtype)
+        self.train_ds = messages_dataset(r.data.train, r.seed)
+        self.eval_ds = messages_dataset(r.data.heldout, r.seed) if r.data.heldout else None
+        self.trainer = SFTTrainer(model=model, args=self.args, train_dataset=self.train_ds, eval_dataset=self.eval_ds,
+                                  processing_class=self.tokenizer,
+                                  peft_config=lora_config(r.peft) if r.peft else None)
+
+    def train(self) -> dict:
+        ckpt = last_checkpoint(self.out) if self.resume else None
+        if ckpt:
+            log.info("resuming from %s", ckpt)
+        result = self.trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+        metrics = {"train_loss": result.training_loss, "global_step": result.global_step,
+                   **{k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}}
+        if self.eval_ds is not None:
+            metrics.update({k: v for k, v in self.trainer.evaluate().items() if isinstance(v, (int, float))})
+            metrics["heldout_loss"] = metrics.get("eval_loss")
+        return metrics
+
+    def save(self) -> None:
+        tmp = self.out / ".final.tmp"
+        self.trainer.save_model(str(tmp))  # collective under FSDP; writes only on the main process
+        self.state.wait_for_everyone()
+        if self.state.is_main_process:
+            self.tokenizer.save_pretrained(str(tmp))
+            install_final(tmp, self.out)
+        self.state.wait_for_everyone()
+
+    def evaluate(self, train_metrics: dict) -> dict | None:
+        if not self.state.is_main_process:
+            return None
+        model = load_trained(self.out, DTYPES[self.recipe.model.dtype])
+        metrics = {**train_metrics, **heldout_math(model, self.tokenizer, self.recipe.eval, self.recipe.seed),
+                   "recipe_sha256": self.loaded.sha256, "inherited": self.inherited,
+                   "world_size": self.state.num_processes}
+        write_metrics(self.out, metrics)
+        return metrics
+
+
+def check_world_size(state) -> None:
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != state.num_processes:
+        raise RuntimeError(
+            f"launched {launched} processes but the process group has {state.num_processes}: accelerate fell back "
+            "to independent single processes (on CPU set `trainer.use_cpu: true` in the recipe)")
+
+
+def run(loaded: recipes.Loaded, resume: bool = False) -> dict | None:
+    torch.manual_seed(loaded.recipe.seed)
+    job = SFTRun(loaded, resume)
+    job.setup()
+    train_metrics = job.train()
+    job.save()
+    return job.evaluate(train_metrics)

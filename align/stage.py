@@ -1,0 +1,63 @@
+"""What every training stage does around its trainer: output folder rules, final-model writing, lineage."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from align.recipe import LOCK_NAME, RecipeError
+
+log = logging.getLogger(__name__)
+
+FINAL_MARKER = "metrics.json"  # the last file a stage writes: its presence means the stage finished
+
+
+def prepare_output_dir(out: Path, resume: bool) -> None:
+    """A finished or foreign run in ``out`` is never overwritten; ``--resume`` continues an unfinished one."""
+    if out.exists() and any(out.iterdir()):
+        if (out / FINAL_MARKER).exists():
+            raise RecipeError(f"output_dir {out} holds a finished run ({FINAL_MARKER}); "
+                              "choose another output_dir or remove it")
+        if not resume:
+            raise RecipeError(f"output_dir {out} is not empty; pass --resume to continue the run in it, "
+                              "or choose another output_dir")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def last_checkpoint(out: Path) -> Path | None:
+    ckpts = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return max(ckpts, key=lambda p: int(p.name.split("-")[-1])) if ckpts else None
+
+
+def install_final(tmp: Path, out: Path) -> None:
+    """Move a fully written model folder's files into ``out`` (each move is an atomic rename)."""
+    for item in tmp.iterdir():
+        target = out / item.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(item, target)
+    tmp.rmdir()
+
+
+def lineage(model_path: str | None) -> dict:
+    """What the starting checkpoint says about the stage that made it (nanochat-style inheritance log)."""
+    if model_path is None:
+        return {}
+    lock = Path(model_path) / LOCK_NAME
+    if not lock.exists():
+        return {"from": model_path}
+    import yaml
+
+    data = yaml.safe_load(lock.read_text())
+    info = {"from": model_path, "stage": data.get("stage"), "sha256": data.get("sha256")}
+    log.info("starting from %s (stage %s, recipe sha256 %s)", model_path, info["stage"], str(info["sha256"])[:12])
+    return info
+
+
+def write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
