@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from align.data import DataError
 from align.recipe import RecipeError
 
 STAGE_HELP = {
@@ -62,10 +63,10 @@ def main(argv: list[str] | None = None) -> int:
             from align.data import build_all
 
             summary = build_all(args.out, seed=args.seed, force=args.force)
-            print(summary)
+            print({k: v for k, v in summary.items() if k != "sha256"})
             return 0
         return _run_stage(args.command, args)
-    except RecipeError as e:
+    except (RecipeError, DataError, FileExistsError) as e:
         print(f"align: error: {e}", file=sys.stderr)
         return 2
 

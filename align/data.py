@@ -15,6 +15,7 @@ Other columns pass through untouched, so a reward function can ask for any of th
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -136,7 +137,10 @@ def _table_rows(path: str, split: str) -> Iterator[tuple[int, object]]:
         elif Path(path).is_file() and Path(path).suffix in (".json", ".csv"):
             rows = datasets.load_dataset(Path(path).suffix[1:], data_files=path, split="train")
         else:
-            rows = datasets.load_dataset(path, split=split)
+            # "owner/name:config" picks a hub dataset's configuration (e.g. "openai/gsm8k:main"); hub ids
+            # cannot contain ":", so the suffix is unambiguous.
+            name, _, config = path.partition(":") if not Path(path).exists() else (path, "", "")
+            rows = datasets.load_dataset(name, config or None, split=split)
     except Exception as e:  # noqa: BLE001 - any loader failure becomes one clear error naming the source
         raise DataError(f"cannot load {path!r} (split {split!r}): {type(e).__name__}: {e}") from e
     yield from enumerate(rows, start=1)
@@ -146,8 +150,9 @@ def load_rows(path: str | Path, kind: str, columns: dict[str, str] | None = None
               limit: int | None = None) -> list[dict]:
     """Load and validate task rows.
 
-    ``path`` is a ``.jsonl`` file, a ``.parquet`` file, or else a ``datasets`` source (hub id, local dataset
-    folder, a folder saved with ``save_to_disk``, or a ``.json``/``.csv`` file) read at ``split``.
+    ``path`` is a ``.jsonl`` file, a ``.parquet`` file, or else a ``datasets`` source read at ``split``: a hub
+    id (``"openai/gsm8k:main"`` names a configuration), a local dataset folder, a folder saved with
+    ``save_to_disk``, or a ``.json``/``.csv`` file.
     ``columns`` renames source columns to ours, e.g. ``{"question": "prompt"}``.  GSM8K-style math rows
     (``question`` + ``answer`` with ``#### N``) and HumanEval-style code rows (``test`` + ``entry_point``) are
     converted automatically (``from_gsm8k`` / ``from_humaneval``).  A bad row raises ``DataError`` naming the
@@ -160,9 +165,9 @@ def load_rows(path: str | Path, kind: str, columns: dict[str, str] | None = None
         raise DataError(f"{path}: no such file")
     source = _jsonl_rows(Path(path)) if path.endswith(".jsonl") else _table_rows(path, split)
     out: list[dict] = []
+    if limit is not None and limit <= 0:
+        return out
     for n, raw in source:
-        if limit is not None and len(out) >= limit:
-            break
         try:
             row = raw
             if columns and isinstance(row, dict):
@@ -177,6 +182,8 @@ def load_rows(path: str | Path, kind: str, columns: dict[str, str] | None = None
             out.append(validate_row(row, kind))
         except ValueError as e:
             raise DataError(f"{path}: row {n}: {e}") from None
+        if limit is not None and len(out) >= limit:
+            break  # before reading further, so rows past the limit are never parsed
     return out
 
 
@@ -310,8 +317,8 @@ def _distinct(draw: Callable[[], dict], n: int, key: Callable[[dict], str], what
             if len(rows) == n:
                 break
             row = draw()
-            if key(row) not in seen:
-                seen.add(key(row))
+            if (k := key(row)) not in seen:
+                seen.add(k)
                 rows.append(row)
                 bar.update()
     if len(rows) < n:
@@ -359,7 +366,8 @@ def generate(seed: int = 0, *, math_train: int = 6000, math_heldout: int = 200, 
     return out
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """One JSON object per line, UTF-8, "\\n" line ends on every platform (the bytes are part of the contract)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8", newline="\n") as f:
         for row in rows:
@@ -367,6 +375,8 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def _token_stats(tok, rows: list[dict], kind: str) -> dict:
+    if not rows:
+        return {}
     if kind == "chat":
         lengths = [len(tok.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"])
                    for r in rows]
@@ -400,7 +410,7 @@ def build_all(out_dir: str | Path, seed: int = 0, *, force: bool = False, math_t
     out_dir.mkdir(parents=True, exist_ok=True)
     args = dict(seed=seed, math_train=math_train, math_heldout=math_heldout, code_train=code_train,
                 code_heldout=code_heldout, chat_train=chat_train, vocab_size=vocab_size, io_share=io_share,
-                math_config=vars(math_config))
+                math_config=dataclasses.asdict(math_config))
     log.info("generating task rows (seed %d)", seed)
     sets = generate(seed, math_train=math_train, math_heldout=math_heldout, code_train=code_train,
                     code_heldout=code_heldout, chat_train=chat_train, math_config=math_config, io_share=io_share,
@@ -409,7 +419,7 @@ def build_all(out_dir: str | Path, seed: int = 0, *, force: bool = False, math_t
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=out_dir))
     try:
         for name, rows in sets.items():
-            _write_jsonl(tmp / f"{name}.jsonl", rows)
+            write_jsonl(tmp / f"{name}.jsonl", rows)
         log.info("training a %d-token byte-level BPE tokenizer", vocab_size)
         texts = [render_chat(to_messages(r, name.split("/")[0])) for name, rows in sets.items() for r in rows]
         tok = train_tokenizer(texts, vocab_size=vocab_size, progress=progress)
@@ -470,8 +480,9 @@ align data build --out data --seed {a["seed"]} --force
 | path | rows | holds |
 |---|---|---|
 | `math/train.jsonl` | {c["math/train"]} | arithmetic word problems `{{"prompt", "answer", "solution"}}` |
-| `math/heldout.jsonl` | {c["math/heldout"]} | same distribution, prompts disjoint from train (evaluation, `heldout_math_*`) |
-| `code/train.jsonl` | {c["code/train"]} | Python tasks `{{"prompt", "solution", "tests", "entry_point"}}` or `{{"prompt", "solution", "io_cases"}}` |
+| `math/heldout.jsonl` | {c["math/heldout"]} | same distribution, prompts disjoint from train (`heldout_math_*`) |
+| `code/train.jsonl` | {c["code/train"]} | Python tasks `{{"prompt", "solution", "tests", "entry_point"}}` or \
+`{{"prompt", "solution", "io_cases"}}` |
 | `code/heldout.jsonl` | {c["code/heldout"]} | same distribution, prompts disjoint from train |
 | `chat/train.jsonl` | {c["chat/train"]} | short conversations `{{"messages": [{{"role", "content"}}, ...]}}` |
 | `tokenizer/` | | byte-level BPE, {summary["tokenizer"]["vocab_size"]} tokens, DeepSeek-V2 chat template |
@@ -482,7 +493,7 @@ of a bad one.  SFT turns a row into a conversation with `align.data.to_messages(
 ## Math (`align/tasks_math.py`)
 
 Multi-step integer word problems: one person's items changing over a few events (buys, gives away, doubles,
-containers of N), two people compared ("3 more than", "twice as many") and added up, and shop purchases
+containers of N), two people compared ("3 more than", "4 times as many") and added up, and shop purchases
 (price times quantity, change from a bill, a two-item total).  Names, objects, verbs and question wording are
 drawn from fixed lists.
 
@@ -529,7 +540,7 @@ A byte-level BPE (`tokenizers`) trained on every conversation above rendered thr
 `align/chat.py`, saved with `save_pretrained`; load it with `AutoTokenizer.from_pretrained("data/tokenizer")`.
 
 - {summary["tokenizer"]["vocab_size"]} tokens including the specials `{BOS_TOKEN}` (bos), `{EOS_TOKEN}` (eos) and
-  `{PAD_TOKEN}` (pad).  Any text encodes (byte fallback is built in) and decodes back exactly.
+  `{PAD_TOKEN}` (pad).  Byte-level, so any text encodes, and it decodes back exactly.
 - Pre-tokenization: the prefix `Assistant: ` is isolated, then digits are split one per token, then the GPT-2
   byte-level rules.  One token per digit lets a small model do arithmetic digit by digit; isolating the
   assistant prefix makes prompt + completion tokenize exactly like the rendered conversation.
@@ -547,5 +558,6 @@ A byte-level BPE (`tokenizers`) trained on every conversation above rendered thr
 
 Synthetic, English-only and narrow on purpose: the sets exist to make a ~1M-parameter model's SFT and GRPO
 stages measurable in minutes on a CPU.  Scores on them say nothing about general math or coding ability;
-use GSM8K / HumanEval (`load_rows("openai/gsm8k", "math", split="test")` converts them) for that.
+use GSM8K / HumanEval for that (`load_rows("openai/gsm8k:main", "math", split="test")` and
+`load_rows("openai/openai_humaneval", "code", split="test")` convert them).
 """

@@ -260,20 +260,21 @@ class GRPORun:
 
     def setup(self) -> None:
         r = self.recipe
+        self.tokenizer = load_tokenizer(r.model.tokenizer or r.model.path)
+        train_ds = prompt_dataset(r.data.train)
         if self.state.is_main_process:
             prepare_output_dir(self.out, self.resume)
         self.state.wait_for_everyone()
         if self.state.is_main_process:
             recipes.write_lock(self.loaded, self.out)
         self.inherited = lineage(r.model.path)
-        self.tokenizer = load_tokenizer(r.model.tokenizer or r.model.path)
         model = load_base(dataclasses.asdict(r.model), self.tokenizer, r.seed, DTYPES[r.model.dtype])
         self.backend = self._backend(model) if self.state.is_main_process else None
         self.rollout = EngineRollout(self.backend, self.tokenizer, r.seed, r.rollout.return_routing, self.timers,
                                      self.out / "rollouts.jsonl")
         cls = make_trainer_class()
         self.trainer = cls(model=model, reward_funcs=[timed_reward(f, self.timers) for f in self.reward_funcs],
-                           args=self.args, train_dataset=prompt_dataset(r.data.train),
+                           args=self.args, train_dataset=train_ds,
                            processing_class=self.tokenizer, peft_config=lora_config(r.peft) if r.peft else None,
                            rollout_func=self.rollout)
         if self.args.vllm_importance_sampling_correction:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
+from accelerate.utils import gather_object
+from transformers import TrainerCallback
 from datasets import Dataset
 
 from align import recipe as recipes
@@ -44,6 +46,17 @@ def lora_config(peft_section):
                       target_modules=peft_section.target_modules, task_type="CAUSAL_LM")
 
 
+class RankConsistency(TrainerCallback):
+    """Records each rank's parameter checksum at the end, so a run can prove it was one synchronized job."""
+
+    def __init__(self):
+        self.checksums: list[float] = []
+
+    def on_train_end(self, args, state, control, model=None, **kw):
+        total = sum(float(p.detach().double().sum()) for p in model.parameters())
+        self.checksums = gather_object([total])
+
+
 class SFTRun:
     def __init__(self, loaded: recipes.Loaded, resume: bool = False):
         self.loaded, self.recipe, self.resume = loaded, loaded.recipe, resume
@@ -59,20 +72,23 @@ class SFTRun:
         from trl import SFTTrainer
 
         r = self.recipe
+        # Everything that can be wrong with the inputs fails before the output folder is touched.
+        self.tokenizer = load_tokenizer(r.model.tokenizer or r.model.path)
+        self.train_ds = messages_dataset(r.data.train, r.seed)
+        self.eval_ds = messages_dataset(r.data.heldout, r.seed) if r.data.heldout else None
         if self.state.is_main_process:
             prepare_output_dir(self.out, self.resume)
         self.state.wait_for_everyone()
         if self.state.is_main_process:
             recipes.write_lock(self.loaded, self.out)
         self.inherited = lineage(r.model.path)
-        self.tokenizer = load_tokenizer(r.model.tokenizer or r.model.path)
         model = load_base(dataclasses.asdict(r.model), self.tokenizer, r.seed, DTYPES[r.model.dtype])
         log.info("model: %.2fM parameters, dtype %s", count_parameters(model) / 1e6, r.model.dtype)
-        self.train_ds = messages_dataset(r.data.train, r.seed)
-        self.eval_ds = messages_dataset(r.data.heldout, r.seed) if r.data.heldout else None
         self.trainer = SFTTrainer(model=model, args=self.args, train_dataset=self.train_ds, eval_dataset=self.eval_ds,
                                   processing_class=self.tokenizer,
                                   peft_config=lora_config(r.peft) if r.peft else None)
+        self.consistency = RankConsistency()
+        self.trainer.add_callback(self.consistency)
 
     def train(self) -> dict:
         ckpt = last_checkpoint(self.out) if self.resume else None
@@ -101,7 +117,8 @@ class SFTRun:
         model = load_trained(self.out, DTYPES[self.recipe.model.dtype])
         metrics = {**train_metrics, **heldout_math(model, self.tokenizer, self.recipe.eval, self.recipe.seed),
                    "recipe_sha256": self.loaded.sha256, "inherited": self.inherited,
-                   "world_size": self.state.num_processes}
+                   "world_size": self.state.num_processes,
+                   "rank_param_checksums": self.consistency.checksums}
         write_metrics(self.out, metrics)
         return metrics
 

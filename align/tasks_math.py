@@ -200,8 +200,8 @@ def _shop(rng: random.Random, cfg: MathConfig, steps: int) -> dict:
     if total >= cfg.max_value:
         raise _Retry
     lines += [_eq(p2, "*", q2, cost2), _eq(cost, "+", cost2, total)]
-    prompt = (f"{_a(sing)} costs {_dollars(p)} and {_a(sing2).lower()} costs {_dollars(p2)}. {name} buys {q} {plur} and {q2} "
-              f"{plur2}. How many dollars does {pron} spend?")
+    prompt = (f"{_a(sing)} costs {_dollars(p)} and {_a(sing2).lower()} costs {_dollars(p2)}. "
+              f"{name} buys {q} {plur} and {q2} {plur2}. How many dollars does {pron} spend?")
     return {"prompt": prompt, "answer": str(total), "lines": lines}
 
 

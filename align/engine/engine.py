@@ -193,7 +193,8 @@ class Engine:
         batch = self.runner.batch([c.start for c in chunks], [c.length for c in chunks],
                                   [c.seq.block_table for c in chunks])
         input_ids = torch.tensor(ids, device=self.device)
-        return self.runner.forward(input_ids, batch, torch.tensor(rows, device=self.device), record_routing)
+        rows_t = torch.tensor(rows, dtype=torch.long, device=self.device)
+        return self.runner.forward(input_ids, batch, rows_t, record_routing)
 
     def _append(self, sched: Scheduler, s: Sequence, token: int, logprob: float, bar) -> None:
         p = s.request.params

@@ -90,15 +90,18 @@ def experts_loop(x, idx, weights, gate_up, down, act) -> torch.Tensor:
     return out
 
 
-def pick_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+def pick_backend(backend: str, config, device: torch.device, dtype: torch.dtype) -> str:
     if backend not in ("auto", "grouped", "loop"):
         raise ValueError(f"moe_backend must be 'auto', 'grouped' or 'loop', got {backend!r}")
-    if backend == "grouped" and _GROUPED_MM is None:
-        raise ValueError("moe_backend='grouped' needs torch.nn.functional.grouped_mm (torch >= 2.10)")
+    # Grouped GEMM kernels need every row stride to be a multiple of 16 bytes.
+    aligned = all(d * dtype.itemsize % 16 == 0 for d in (config.hidden_size, config.moe_intermediate_size))
+    if backend == "grouped" and (_GROUPED_MM is None or not aligned):
+        raise ValueError("moe_backend='grouped' needs torch.nn.functional.grouped_mm (torch >= 2.10) and "
+                         "hidden / moe_intermediate sizes whose rows are multiples of 16 bytes")
     if backend != "auto":
         return backend
     # CUDA grouped GEMM kernels take bf16; CPU's take any float dtype.
-    ok = _GROUPED_MM is not None and (device.type == "cpu" or dtype == torch.bfloat16)
+    ok = _GROUPED_MM is not None and aligned and (device.type == "cpu" or dtype == torch.bfloat16)
     return "grouped" if ok else "loop"
 
 

@@ -27,7 +27,7 @@ class ModelRunner:
         self.act = activation(config.hidden_act)
         self.eps = config.rms_norm_eps
         self.prefill_attention = prefill_attention
-        self.moe_backend = pick_backend(moe_backend, device, dtype)
+        self.moe_backend = pick_backend(moe_backend, config, device, dtype)
         self.num_moe_layers = sum(isinstance(layer.mlp, MoEWeights) for layer in weights.layers)
 
     def batch(self, starts: list[int], lengths: list[int], tables: list[list[int]]) -> AttnBatch:

@@ -1,0 +1,39 @@
+"""Continuous batching: limits on sequences and tokens change the schedule, never the results."""
+
+from align.engine import Engine, SamplingParams
+
+
+def _results(model, prompts, params, **opts):
+    engine = Engine.from_model(model, block_size=4, use_tqdm=False, **opts)
+    outs = engine.generate(prompts, params)
+    assert engine.blocks.num_used == 0
+    return [[(c.token_ids, c.finish_reason) for c in o.outputs] for o in outs], engine.stats
+
+
+def test_sequences_join_and_leave_under_max_num_seqs(small_model, tiny):
+    prompts = tiny.prompts(small_model.config.vocab_size, [5, 9, 3, 12, 7, 4], seed=30)
+    params = [SamplingParams(temperature=t, max_tokens=m, seed=i, ignore_eos=True)
+              for i, (t, m) in enumerate([(0.0, 3), (1.0, 11), (0.0, 6), (1.0, 2), (0.7, 9), (0.0, 5)])]
+    wide, _ = _results(small_model, prompts, params, max_num_seqs=32)
+    narrow, stats = _results(small_model, prompts, params, max_num_seqs=2)
+    assert narrow == wide
+    assert stats.peak_running <= 2
+    assert [len(r[0][0]) for r in narrow] == [3, 11, 6, 2, 9, 5]
+
+
+def test_chunked_prefill_under_token_budget(small_model, tiny):
+    prompts = tiny.prompts(small_model.config.vocab_size, [30, 7, 19], seed=31)
+    sp = SamplingParams(n=2, temperature=1.0, max_tokens=6, seed=9, ignore_eos=True)
+    whole, whole_stats = _results(small_model, prompts, sp)
+    chunked, stats = _results(small_model, prompts, sp, max_num_batched_tokens=8)
+    assert chunked == whole
+    assert whole_stats.prefill_steps == 1 and stats.prefill_steps >= 56 // 8
+    assert stats.prefill_tokens == whole_stats.prefill_tokens == 56
+
+
+def test_request_with_more_samples_than_max_num_seqs(small_model, tiny):
+    prompts = tiny.prompts(small_model.config.vocab_size, [6, 8], seed=32)
+    sp = SamplingParams(n=5, temperature=1.0, max_tokens=4, seed=1, ignore_eos=True)
+    wide, _ = _results(small_model, prompts, sp)
+    narrow, _ = _results(small_model, prompts, sp, max_num_seqs=2)
+    assert narrow == wide and all(len(r) == 5 for r in narrow)
