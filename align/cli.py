@@ -12,6 +12,7 @@ from align.recipe import RecipeError
 STAGE_HELP = {
     "data": "build the shipped task data and tokenizer (`align data build`)",
     "sft": "supervised fine-tuning (TRL SFTTrainer)",
+    "grpo": "GRPO reinforcement learning with engine rollouts (TRL GRPOTrainer + Ray pool)",
 }
 
 
@@ -36,21 +37,21 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--force", action="store_true", help="replace existing generated files")
 
-    sft = sub.add_parser("sft", help=STAGE_HELP["sft"])
-    _add_recipe_args(sft)
+    for stage in ("sft", "grpo"):
+        _add_recipe_args(sub.add_parser(stage, help=STAGE_HELP[stage]))
     return parser
 
 
 def _run_stage(stage: str, args) -> int:
+    import importlib
+
     from align import recipe
 
+    module = importlib.import_module(f"align.{stage}")  # registers the stage's recipe type
     loaded = recipe.load(stage, args.config, args.overrides, allow_drift=args.allow_drift)
     for name, (locked, installed) in loaded.drift.items():
         logging.warning("version drift: %s locked %s, installed %s", name, locked, installed)
-    if stage == "sft":
-        from align import sft
-
-        sft.run(loaded, resume=args.resume)
+    module.run(loaded, resume=args.resume)
     return 0
 
 

@@ -252,7 +252,8 @@ class GRPORun:
         self.timers = Timers()
         from rewards.registry import combine
 
-        self.reward_funcs, self.reward_weights = combine([dataclasses.asdict(s) for s in self.recipe.rewards])
+        self.reward_funcs, self.reward_weights = combine(
+            [{"name": s.name, "weight": s.weight, **s.options} for s in self.recipe.rewards])
         self.args = recipes.trainer_config("grpo", self.recipe, reward_weights=self.reward_weights)
         _ = self.args.device
         self.state = PartialState()

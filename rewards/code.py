@@ -123,18 +123,48 @@ def _main():
     with open(os.path.join(here, "tests.py"), encoding="utf-8") as f:
         test_code = compile_(f.read(), "tests.py", "exec")  # asserts already instrumented
     entry, guard, static, call_check = sys.argv[1], sys.argv[2] == "1", int(sys.argv[3]), sys.argv[4] == "1"
-    counts = [0, 0]
+    getframe = sys._getframe
+    main_code = getframe(0).f_code
+    CodeType = type_(main_code)
 
-    def verdict(state, total):
-        token = read(vault, 256)
-        write(out, b"\n" + token + b" " + state + b" %d %d %d\n" % (counts[0], counts[1], total))
-        exit_(0)
+    # Code objects of the tests: only asserts compiled from them may count.  Calling the
+    # counters (or the verdict) from anywhere else is tampering and ends the run with no report.
+    test_codes = {}
 
-    def ok():
-        counts[0] += 1
+    def collect(co):
+        test_codes[id_(co)] = co
+        for c in co.co_consts:
+            if isinstance_(c, CodeType):
+                collect(c)
 
-    def fail():
-        counts[1] += 1
+    collect(test_code)
+
+    def counters():
+        state = [0, 0]  # passed, failed; held in closures, not in a frame the solution can walk to
+
+        def ok():
+            if id_(getframe(1).f_code) not in test_codes:
+                exit_(3)
+            state[0] += 1
+
+        def fail():
+            if id_(getframe(1).f_code) not in test_codes:
+                exit_(3)
+            state[1] += 1
+
+        def report(status, total):
+            if getframe(2).f_code is not main_code:
+                exit_(3)
+            token = read(vault, 256)
+            write(out, b"\n" + token + b" " + status + b" %d %d %d\n" % (state[0], state[1], total))
+            exit_(0)
+
+        return ok, fail, report, lambda: state[0] + state[1]
+
+    ok, fail, report, executed = counters()
+
+    def verdict(status, total):
+        report(status, total)
 
     # Return values must be genuine built-in data: an object whose __eq__ (or __abs__, ...) lies
     # cannot pass an assert.
@@ -207,8 +237,8 @@ def _main():
                 verdict(b"no_entry_point", static)
             tg["check"](candidate)
     except BaseException_:
-        verdict(b"aborted", max(static, counts[0] + counts[1]))
-    verdict(b"done", counts[0] + counts[1])
+        verdict(b"aborted", max(static, executed()))
+    verdict(b"done", executed())
 
 _main()
 '''

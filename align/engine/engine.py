@@ -26,8 +26,8 @@ class Engine:
 
     Options: ``max_num_seqs`` (sequences decoded together), ``max_num_batched_tokens`` (tokens per step; longer
     prompts are prefilled in chunks), ``block_size`` (tokens per cache block), cache size as ``num_blocks`` or
-    ``kv_cache_bytes`` (default: ``kv_cache_memory_fraction`` of free GPU memory, or on CPU room for
-    ``max_num_seqs`` sequences of ``min(max_model_len, 4096)`` tokens up to 1 GiB), ``max_model_len``,
+    ``kv_cache_bytes`` (default: room for ``max_num_seqs`` sequences of ``max_model_len`` tokens, capped at
+    ``kv_cache_memory_fraction`` of free GPU memory; on CPU at 4096 tokens a sequence and 1 GiB), ``max_model_len``,
     ``eos_token_id`` (int or list), ``seed`` (draws seeds for requests that bring none), ``use_tqdm``,
     ``prefill_attention`` ('expanded' or 'absorbed'), ``moe_backend`` ('auto', 'grouped', 'loop').
     """
@@ -57,11 +57,13 @@ class Engine:
         per_token = kv_bytes_per_token(config, self.dtype)
         if num_blocks is None:
             if kv_cache_bytes is None:
+                # Never more than every sequence at full length could use.
+                want = max_num_seqs * (self.max_model_len + block_size) * per_token
                 if self.device.type == "cuda":
                     free, _ = torch.cuda.mem_get_info(self.device)
-                    kv_cache_bytes = int(free * kv_cache_memory_fraction)
+                    kv_cache_bytes = min(want, int(free * kv_cache_memory_fraction))
                 else:
-                    want = max_num_seqs * min(self.max_model_len, 4096) * per_token
+                    want = max_num_seqs * (min(self.max_model_len, 4096) + block_size) * per_token
                     kv_cache_bytes = min(want, _CPU_DEFAULT_CACHE_BYTES)
             num_blocks = kv_cache_bytes // (per_token * block_size)
         if num_blocks < 1:
@@ -140,10 +142,11 @@ class Engine:
         show = self.use_tqdm if use_tqdm is None else use_tqdm
         with tqdm(total=len(requests), desc="generate", unit="prompt", disable=not show) as bar:
             while sched.has_unfinished():
-                self._step(sched, bar)
+                self._step(sched)
+                bar.update(sched.finished_requests - bar.n)
         return [self._output(r) for r in requests]
 
-    def _step(self, sched: Scheduler, bar) -> None:
+    def _step(self, sched: Scheduler) -> None:
         plan = sched.schedule()
         if plan is None:
             raise RuntimeError(f"engine scheduler stalled: {len(sched.waiting)} waiting, {len(sched.running)} "
@@ -181,7 +184,7 @@ class Engine:
         seqs = [s for s, _ in to_sample]
         tokens, logprobs = sample(rows, [s.request.params for s in seqs], [s.generator for s in seqs])
         for s, tok, lp in zip(seqs, tokens, logprobs):
-            self._append(sched, s, tok, lp, bar)
+            self._append(sched, s, tok, lp)
 
     def _forward(self, chunks: list[Chunk], record_routing: bool):
         ids, rows, offset = [], [], 0
@@ -196,7 +199,7 @@ class Engine:
         rows_t = torch.tensor(rows, dtype=torch.long, device=self.device)
         return self.runner.forward(input_ids, batch, rows_t, record_routing)
 
-    def _append(self, sched: Scheduler, s: Sequence, token: int, logprob: float, bar) -> None:
+    def _append(self, sched: Scheduler, s: Sequence, token: int, logprob: float) -> None:
         p = s.request.params
         s.tokens.append(token)
         s.logprobs.append(logprob)
@@ -204,8 +207,6 @@ class Engine:
             sched.finish(s, "stop")
         elif s.num_generated >= p.max_tokens or len(s.tokens) >= self.max_model_len:
             sched.finish(s, "length")
-        if s.request.finished:
-            bar.update(1)
 
     def _output(self, req: Request) -> RequestOutput:
         p, n_prompt = req.params, len(req.prompt)
@@ -227,6 +228,8 @@ class Engine:
         if len(prompt_token_ids) != len(completion_token_ids):
             raise ValueError("score: need one completion per prompt")
         seqs = [list(p) + list(c) for p, c in zip(self._check_prompts(prompt_token_ids), completion_token_ids)]
+        if any(not 0 <= t < self.config.vocab_size for c in completion_token_ids for t in c):
+            raise ValueError(f"score: completion token ids outside [0, {self.config.vocab_size})")
         for i, s in enumerate(seqs):
             if len(s) > self.max_model_len or self.blocks.blocks_for(len(s)) > self.blocks.num_blocks:
                 raise ValueError(f"score: prompt+completion {i} ({len(s)} tokens) does not fit the engine")

@@ -108,6 +108,7 @@ class Scheduler:
         self.stats = stats
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.finished_requests = 0
         # Blocks kept free when admitting work next to running sequences, so admission does not immediately
         # force the running ones into preemption.
         self.watermark = max(1, blocks.num_blocks // 100)
@@ -144,6 +145,11 @@ class Scheduler:
                 budget -= n
         while self.waiting and budget > 0:
             s = self.waiting[0]
+            if self.blocks.blocks_for(len(s.tokens)) > self.blocks.num_blocks:
+                # A preempted sample whose last token just filled the cache: it cannot continue anywhere.
+                self.waiting.popleft()
+                self.finish(s, "length")
+                continue
             if self.running and sum(r.slots for r in self.running) + s.slots > self.max_num_seqs:
                 break
             n = min(s.remaining, budget)
@@ -231,3 +237,4 @@ class Scheduler:
         s.status = "finished"
         s.finish_reason = reason
         s.request.num_finished += 1
+        self.finished_requests += s.request.finished
