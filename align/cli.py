@@ -1,19 +1,38 @@
-"""The ``align`` command: one sub-command per pipeline stage."""
+"""The ``align`` command: one sub-command per pipeline stage.
+
+Recipe-driven stages (``sft``, ``rm``, ``grpo``) share the recipe arguments and each module's ``run(loaded, resume)``.
+Other commands live in their own module, which provides ``configure_parser(parser, command)`` and
+``cli_main(args) -> int`` (``args.command`` names the command);
+a command appears in ``align --help`` once its module exists.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 
 from align.data import DataError
 from align.recipe import RecipeError
 
-STAGE_HELP = {
-    "data": "build the shipped task data and tokenizer (`align data build`)",
-    "sft": "supervised fine-tuning (TRL SFTTrainer)",
-    "grpo": "GRPO reinforcement learning with engine rollouts (TRL GRPOTrainer + Ray pool)",
+# stage -> (module, help)
+RECIPE_STAGES = {
+    "sft": ("align.sft", "supervised fine-tuning (TRL SFTTrainer)"),
+    "rm": ("align.reward_model", "train a learned reward model from verifier-labelled pairs (TRL RewardTrainer)"),
+    "grpo": ("align.grpo", "GRPO with engine rollouts from a Ray actor pool (TRL GRPOTrainer)"),
 }
+COMMANDS = {
+    "export": ("align.export", "merge adapters and write a Hugging Face folder (safetensors, tokenizer, card)"),
+    "eval": ("align.evaluate", "pass@k on held-out math/code (or HumanEval/GSM8K jsonl) with the engine"),
+    "run": ("align.pipeline", "run the whole pipeline from one recipe, resumable, with a report"),
+    "submit": ("ray_jobs.submit", "submit a stage recipe as a Ray Job to a running cluster"),
+    "jobs": ("ray_jobs.submit", "list / status / logs / stop Ray Jobs"),
+}
+
+
+def _available(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -30,24 +49,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True, metavar="stage")
 
-    data = sub.add_parser("data", help=STAGE_HELP["data"])
+    data = sub.add_parser("data", help="build the shipped task data and tokenizer (`align data build`)")
     data_sub = data.add_subparsers(dest="action", required=True)
     build = data_sub.add_parser("build", help="generate task data + tokenizer deterministically from a seed")
     build.add_argument("--out", default="data")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--force", action="store_true", help="replace existing generated files")
 
-    for stage in ("sft", "grpo"):
-        _add_recipe_args(sub.add_parser(stage, help=STAGE_HELP[stage]))
+    for stage, (module, help_text) in RECIPE_STAGES.items():
+        if _available(module):
+            _add_recipe_args(sub.add_parser(stage, help=help_text))
+    for name, (module, help_text) in COMMANDS.items():
+        if _available(module):
+            p = sub.add_parser(name, help=help_text)
+            p.set_defaults(_module=module)
+            importlib.import_module(module).configure_parser(p, name)
     return parser
 
 
 def _run_stage(stage: str, args) -> int:
-    import importlib
-
     from align import recipe
 
-    module = importlib.import_module(f"align.{stage}")  # registers the stage's recipe type
+    module = importlib.import_module(RECIPE_STAGES[stage][0])  # registers the stage's recipe type
     loaded = recipe.load(stage, args.config, args.overrides, allow_drift=args.allow_drift)
     for name, (locked, installed) in loaded.drift.items():
         logging.warning("version drift: %s locked %s, installed %s", name, locked, installed)
@@ -66,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
             summary = build_all(args.out, seed=args.seed, force=args.force)
             print({k: v for k, v in summary.items() if k != "sha256"})
             return 0
-        return _run_stage(args.command, args)
+        if args.command in RECIPE_STAGES:
+            return _run_stage(args.command, args)
+        return importlib.import_module(args._module).cli_main(args)
     except (RecipeError, DataError, FileExistsError) as e:
         print(f"align: error: {e}", file=sys.stderr)
         return 2
