@@ -62,7 +62,8 @@ class PeftSection:
     target_modules: list[str] = dataclasses.field(
         default_factory=lambda: ["q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj",
                                  "gate_proj", "up_proj", "down_proj"],
-        metadata={"help": "module names that get adapters (routed experts are stacked tensors, not Linear)"})
+        metadata={"help": "module names that get adapters (PEFT also wraps the stacked routed-expert tensors "
+                      "`gate_up_proj`/`down_proj` when `down_proj` is listed)"})
 
 
 @dataclasses.dataclass

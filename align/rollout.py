@@ -26,7 +26,7 @@ def run_groups(engine, groups: list[PromptGroup], sampling: Sampling, worker: st
                        logprobs=True, return_routing=sampling.return_routing)
         for g in groups
     ]
-    results = engine.generate([list(g.prompt_ids) for g in groups], params)
+    results = engine.generate([list(g.prompt_ids) for g in groups], params, use_tqdm=False)
     records = []
     for g, res in zip(groups, results, strict=True):
         comps = [Completion(list(o.token_ids), [float(x) for x in o.logprobs], o.finish_reason,
@@ -53,7 +53,8 @@ def policy_state_dict(model) -> dict[str, torch.Tensor]:
             for k, v in model.get_base_model().state_dict().items():
                 if "lora_" in k:
                     continue
-                sd[k.replace(".base_layer.", ".")] = v.detach().clone()
+                # PEFT nests wrappers (routed experts' stacked params get one per targeted tensor).
+                sd[k.replace(".base_layer", "")] = v.detach().clone()
             return sd
         finally:
             model.unmerge_adapter()

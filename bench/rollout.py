@@ -35,6 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--skip-hf", action="store_true", help="engine only (transformers is slow at large shapes)")
     p.add_argument("--peak-gbps", type=float, default=4800.0, help="memory bandwidth bound (H200: 4800 GB/s)")
     return p.parse_args(argv)
@@ -90,6 +91,8 @@ def bound_bytes(config, engine: Engine, batch: int, prompt_len: int, new_tokens:
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     cuda = device.type == "cuda"
@@ -139,7 +142,8 @@ def main(argv=None):
             rows.append(row)
     print(f"\npreset {args.preset} (vocab {config.vocab_size}), {args.dtype} on {device}, random weights, "
           f"temperature 1, EOS ignored; engine KV {engine.kv_bytes_per_token()} B/token, "
-          f"moe backend {engine.runner.moe_backend}, torch {torch.__version__}\n")
+          f"moe backend {engine.runner.moe_backend}, cuda graphs {bool(engine.graphs and engine.graphs.capture)}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads\n")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for row in rows:

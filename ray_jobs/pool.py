@@ -79,13 +79,14 @@ class PoolStats:
 class RolloutPool:
     def __init__(self, model_config, workers: int, num_cpus: float = 1, num_gpus: float = 0,
                  engine_options: dict | None = None, timeout_s: float = 600.0, chunks_per_worker: int = 2,
-                 resource_wait_s: float = 60.0):
+                 resource_wait_s: float = 60.0, startup_timeout_s: float = 600.0):
         if workers < 1:
             raise ValueError("rollout.workers must be >= 1")
         self.config_dict = model_config.to_dict()
         self.num_cpus, self.num_gpus = num_cpus, num_gpus
         self.engine_options = dict(engine_options or {})
         self.timeout_s, self.chunks_per_worker = timeout_s, chunks_per_worker
+        self.startup_timeout_s = startup_timeout_s   # a new actor imports torch and builds its engine first
         self.stats = PoolStats()
         self._weights_ref = None
         self._version = -1
@@ -111,7 +112,8 @@ class RolloutPool:
         ray.kill(slot.actor, no_restart=True)
         fresh = self._spawn()
         if self._weights_ref is not None:
-            ray.get(fresh.actor.load_weights.remote(self._weights_ref, self._version), timeout=self.timeout_s)
+            ray.get(fresh.actor.load_weights.remote(self._weights_ref, self._version),
+                    timeout=self.startup_timeout_s)
         self.slots[self.slots.index(slot)] = fresh
         self.stats.replaced_workers += 1
         return fresh
@@ -211,5 +213,7 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", runtime_env=env,
-                 log_to_driver=True)
+        # address="local" always starts a private instance; a bare ray.init() would join any `ray start` head
+        # found on this machine.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                 runtime_env=env, log_to_driver=True)

@@ -13,21 +13,25 @@ Why a test run is trusted only when the harness says so
     (``sys.exit(0)``, ``os._exit(0)``), kill the process, or override ``print``, ``AssertionError``
     and builtins.  The harness therefore (1) captures everything it needs before the solution runs,
     (2) runs the solution with ``exec`` in its own namespace and the tests in another one built from
-    the original builtins, (3) turns every ``assert`` into a counted check, (4) rejects return values
-    that are not plain built-in data (an object whose ``__eq__`` always says True cannot pass), and
-    (5) reports ``<nonce> done <passed> <failed> <total>`` through a private duplicate of the real
-    stdout only after the last test.  The nonce is random per call and reaches the harness on stdin
-    (never in a file, argv or the environment); while untrusted code runs it sits only in a pipe.
-    No report with the right nonce means 0.
+    the original builtins, after undoing the solution's changes to shared modules (fake
+    ``sys.modules`` entries, patched attributes), (3) counts every ``assert`` (instrumented here,
+    outside the sandbox) through counters that refuse callers other than the tests' own code, (4)
+    rejects return values that are not genuine built-in data (an object whose ``__eq__`` always says
+    True cannot pass), and (5) reports ``<nonce> done <passed> <failed> <total>`` through a private
+    duplicate of the real stdout only after the last test.  The nonce is random per call and
+    reaches the harness on stdin (never in a file, argv or the environment); while untrusted code
+    runs it sits only in a pipe.  No report with the right nonce means 0.
 
     Residual risk, stated plainly: code in the same interpreter can in principle introspect the
-    harness (frames, ``gc``, file descriptors, ``ctypes``) and forge a report.  The sandbox bounds
-    what that buys to a wrong reward, never an escape.
+    harness deeply enough (closure cells, file descriptors, ``ctypes``) to forge a report.  The
+    hostile-program tests cover the one-line versions of that; the sandbox bounds what a cleverer
+    one buys to a wrong reward, never an escape.
 """
 
 from __future__ import annotations
 
 import ast
+import base64
 import concurrent.futures as cf
 import functools
 import json
@@ -244,6 +248,115 @@ _main()
 '''
 
 
+# Runs inside the sandbox as main.py for io_cases rows: each case in a fresh fork of this
+# pristine process (no interpreter start-up per case), stdin from a file, stdout to a file.
+# Nothing here is secret: the expected outputs never enter the sandbox.
+_IO_HARNESS = r'''
+import atexit, base64, builtins, io, json, os, signal, sys, time, traceback
+
+def run_case(code, stdin_path, stdout_path):
+    os.setpgid(0, 0)
+    fd = os.open(stdin_path, os.O_RDONLY)
+    os.dup2(fd, 0)
+    fd2 = os.open(stdout_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.dup2(fd2, 1)
+    os.close(fd)
+    os.close(fd2)
+    sys.stdin = io.TextIOWrapper(io.BufferedReader(io.FileIO(0, "r", closefd=False)), encoding="utf-8")
+    sys.stdout = io.TextIOWrapper(io.BufferedWriter(io.FileIO(1, "w", closefd=False)), encoding="utf-8")
+    sys.argv = ["solution.py"]
+    status = 0
+    try:
+        exec(code, {"__name__": "__main__", "__builtins__": builtins})
+    except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if not isinstance(e.code, (int, type(None))):
+            print(e.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+        status = 1
+    # What the interpreter does at exit: wait for threads, run atexit, flush.
+    try:
+        if "threading" in sys.modules:
+            sys.modules["threading"]._shutdown()
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BaseException:
+        status = status or 1
+    os._exit(status & 0xFF)
+
+def main():
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "cases.json"), encoding="utf-8") as f:
+        cases = json.load(f)
+    timeout, cap = float(sys.argv[1]), int(sys.argv[2])
+    with open(os.path.join(here, "solution.py"), encoding="utf-8") as f:
+        source = f.read()
+    results = []
+    try:
+        code = compile(source, "solution.py", "exec")
+    except BaseException:
+        traceback.print_exc()
+        code = None
+    for i, stdin in enumerate(cases):
+        if code is None:
+            results.append({"status": "error", "exit": 1, "stdout": "", "truncated": False})
+            continue
+        in_path, out_path = f".case{i}.in", f".case{i}.out"
+        with open(in_path, "w", encoding="utf-8") as f:
+            f.write(stdin)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            run_case(code, in_path, out_path)
+        try:
+            os.setpgid(pid, pid)  # also done by the child: no window where the group is unknown
+        except OSError:
+            pass
+        deadline = time.monotonic() + timeout
+        status = None
+        while status is None:
+            done, st = os.waitpid(pid, os.WNOHANG)
+            if done:
+                status = st
+            elif time.monotonic() >= deadline:
+                break
+            else:
+                time.sleep(0.002)
+        try:
+            os.killpg(pid, signal.SIGKILL)  # whatever the case left behind in its group
+        except OSError:
+            pass
+        if status is None:
+            os.waitpid(pid, 0)
+            entry = {"status": "timeout", "exit": None}
+        elif os.WIFSIGNALED(status):
+            entry = {"status": "killed", "exit": -os.WTERMSIG(status)}
+        else:
+            code_ = os.WEXITSTATUS(status)
+            entry = {"status": "ok" if code_ == 0 else "error", "exit": code_}
+        try:
+            with open(out_path, "rb") as f:
+                out = f.read(cap + 1)
+        except OSError:
+            out = b""
+        entry["truncated"] = len(out) > cap
+        entry["stdout"] = base64.b64encode(out[:cap]).decode()
+        results.append(entry)
+        for p in (in_path, out_path):
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
+    sys.stdout.write("\n" + json.dumps(results) + "\n")
+    sys.stdout.flush()
+
+main()
+'''
+
+
 class _Counted(ast.NodeTransformer):
     """``assert X`` -> ``try: assert X / except BaseException: _h_fail() / else: _h_ok()``."""
 
@@ -326,11 +439,47 @@ def _run_tests(code, tests, entry_point, mode, plain_returns, limits) -> CodeSco
     return CodeScore(score, state, passed, total, (result,))
 
 
-def _run_io_case(code, case, limits) -> tuple[bool, ExecResult]:
-    result = run_python(code, stdin=str(case.get("stdin") or ""), **limits)
-    good = (result.status == "ok" and not result.truncated
-            and _normalise(result.stdout) == _normalise(str(case.get("stdout") or "")))
-    return good, result
+def _run_io(code, cases, mode, limits) -> CodeScore:
+    """All cases of one row in one sandbox; stdout is compared here, outside it."""
+    per_case = limits["timeout_s"]
+    cap = max(max(1 << 16, 2 * len(str(c.get("stdout") or "")) + 1024) for c in cases)
+    result = run_python(
+        _IO_HARNESS,
+        files={"solution.py": code, "cases.json": json.dumps([str(c.get("stdin") or "") for c in cases])},
+        args=(repr(per_case), str(cap)),
+        timeout_s=per_case * len(cases) + 1.0,
+        cpu_s=per_case,
+        memory_mb=limits["memory_mb"],
+        max_output_bytes=len(cases) * (cap * 4 // 3 + 256) + (1 << 16),
+    )
+    entries = None
+    for line in reversed(result.stdout.splitlines()):
+        if line.startswith("["):
+            try:
+                parsed = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(parsed, list) and len(parsed) == len(cases) and all(isinstance(e, dict) for e in parsed):
+                entries = parsed
+                break
+    if entries is None:
+        return CodeScore(0.0, f"no io harness report ({result.status}: {result.reason or 'exit'})",
+                         0, len(cases), (result,))
+    passed, first_bad = 0, None
+    for case, entry in zip(cases, entries):
+        try:
+            out = base64.b64decode(str(entry.get("stdout", ""))).decode("utf-8", "replace")
+        except ValueError:
+            out = None
+        good = (entry.get("status") == "ok" and not entry.get("truncated") and out is not None
+                and _normalise(out) == _normalise(str(case.get("stdout") or "")))
+        passed += good
+        if not good and first_bad is None:
+            first_bad = entry.get("status") if entry.get("status") != "ok" else "wrong output"
+    total = len(cases)
+    score = (1.0 if passed == total else 0.0) if mode == "all" else passed / total
+    detail = "all cases passed" if passed == total else f"case failed ({first_bad})"
+    return CodeScore(score, detail, passed, total, (result,))
 
 
 def _parse_cases(io_cases: Any) -> list[dict]:
@@ -402,45 +551,27 @@ class _Batch:
                 if not cases:
                     scores[i] = CodeScore(None, "empty io_cases")
                     continue
-                for case in cases:
-                    jobs.append((i, ("io", code, case)))
+                jobs.append((i, ("io", code, cases)))
         # Rows whose jobs have not started when the budget is spent score 0.
-        waves = -(-len(jobs) // self.max_workers) if jobs else 0
+        slots = sum(len(spec[2]) if spec[0] == "io" else 1 for _, spec in jobs)
+        waves = -(-slots // self.max_workers) if jobs else 0
         budget = self.batch_timeout_s or max(30.0, (self.timeout_s + 1.0) * waves)
         deadline = time.monotonic() + budget
-        io_results: dict[int, list[tuple[bool, ExecResult | None]]] = {}
 
         def work(spec):
             limits = self._limits(deadline)
             if limits is None:
-                return None
+                return CodeScore(0.0, "batch time budget spent")
             if spec[0] == "tests":
                 _, code, t, ep = spec
                 return _run_tests(code, t, ep, self.mode, self.plain_returns, limits)
-            return _run_io_case(spec[1], spec[2], limits)
+            return _run_io(spec[1], spec[2], self.mode, limits)
 
         if jobs:
             with cf.ThreadPoolExecutor(max_workers=min(self.max_workers, len(jobs))) as pool:
-                futures = [(i, spec[0], pool.submit(work, spec)) for i, spec in jobs]
-                for i, kind, fut in futures:
-                    out = fut.result()
-                    if kind == "tests":
-                        scores[i] = out if out is not None else CodeScore(0.0, "batch time budget spent")
-                    else:
-                        io_results.setdefault(i, []).append(out if out is not None else (False, None))
-        for i, results in io_results.items():
-            passed = sum(1 for good, _ in results if good)
-            total = len(results)
-            if self.mode == "all":
-                score = 1.0 if passed == total else 0.0
-            else:
-                score = passed / total
-            first_bad = next((r for good, r in results if not good), None)
-            detail = "all cases passed" if passed == total else (
-                f"case failed ({first_bad.status}: {first_bad.reason or 'wrong output'})"
-                if first_bad is not None else "batch time budget spent")
-            scores[i] = CodeScore(score, detail, passed, total,
-                                  tuple(r for _, r in results if r is not None))
+                futures = [(i, pool.submit(work, spec)) for i, spec in jobs]
+                for i, fut in futures:
+                    scores[i] = fut.result()
         return scores  # type: ignore[return-value]
 
 
@@ -479,4 +610,9 @@ def code_tests(
         if col is not None and len(col) != n:
             raise ValueError(f"column {name!r} has {len(col)} rows but there are {n} completions")
     batch = _Batch(mode, timeout_s, memory_mb, plain_returns, block, max_workers, batch_timeout_s)
-    return [s.score for s in batch.run(completions, tests, entry_point, io_cases)]
+    scores = batch.run(completions, tests, entry_point, io_cases)
+    log_metric = kwargs.get("log_metric")  # TRL's GRPOTrainer passes it to reward functions
+    runs = [r for s in scores for r in s.results]
+    if callable(log_metric) and runs:
+        log_metric("code_tests/timeout_frac", sum(r.status == "timeout" for r in runs) / len(runs))
+    return [s.score for s in scores]

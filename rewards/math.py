@@ -388,7 +388,10 @@ class _Pool:
         w.rbuf += chunk
         *lines, w.rbuf = w.rbuf.split(b"\n")
         for line in lines:
-            msg = json.loads(line)
+            try:
+                msg = json.loads(line)
+            except ValueError:  # stray output from a library: not ours
+                continue
             if msg.get("ready"):
                 w.ready = True
                 w.clock = time.monotonic()
@@ -514,4 +517,7 @@ def math_accuracy(
         raise ValueError(f"column 'answer' has {len(answer)} rows but there are {len(completions)} completions")
     pairs = [(extract_answer(as_text(c), last_number_fallback), a) for c, a in zip(completions, answer)]
     decided = _decide_many(pairs, timeout_s, batch_timeout_s)
+    log_metric = kwargs.get("log_metric")  # TRL's GRPOTrainer passes it to reward functions
+    if callable(log_metric) and pairs:
+        log_metric("math_accuracy/no_answer_frac", sum(p is None for p, _ in pairs) / len(pairs))
     return [None if d is None else float(d) for d in decided]

@@ -8,16 +8,18 @@ that is deleted afterwards.  Isolation comes from what Linux already ships, stro
     Fresh user, PID, network, IPC and UTS namespaces.  The root file system is an empty tmpfs with
     read-only binds of ``/usr``, the ``/lib*`` links and the interpreter's prefix only (no ``/home``,
     ``/root``, project checkout or ``/etc`` secrets), then remounted read-only.  The only writable
-    places are size-limited tmpfs mounts (``/tmp``, the working folder, and ``/dev/shm``).  The
-    program runs as uid 65534 inside the namespace; bwrap's own init is PID 1, so when the program
-    exits or we kill the sandbox every descendant dies with the namespace, including ones that
-    called ``setsid()``.  A fresh ``/proc`` shows only the sandbox, so the parent's
-    ``/proc/<pid>/environ`` cannot be read.
+    places are size-limited tmpfs mounts (``/tmp``, which holds the working folder, and
+    ``/dev/shm``).  bwrap's own init is PID 1, so when the program exits or we kill the sandbox
+    every descendant dies with the namespace, including ones that called ``setsid()``.  A fresh
+    ``/proc`` shows only the sandbox, so the parent's ``/proc/<pid>/environ`` cannot be read.
+    When we are root, bwrap itself is started under a fresh random uid (``setpriv``): the kernel
+    never enforces ``RLIMIT_NPROC`` for root (not even inside a user namespace), and such a uid
+    owns no host file.
 ``unshare`` (util-linux, used when bwrap is missing or cannot create namespaces)
     Fresh network and PID namespaces with a new ``/proc``.  As root the program additionally runs
-    under a random unprivileged uid (``setpriv``), so ordinary file permissions stop writes to
-    ``/etc``, home and root-owned checkouts; it can still read world-readable files and write to
-    world-writable folders.  As an ordinary user it runs as that user (file writes NOT contained).
+    under a random unprivileged uid, so ordinary file permissions stop writes to ``/etc``, home and
+    root-owned checkouts; it can still read world-readable files and write to world-writable
+    folders.  As an ordinary user it runs as that user (file writes NOT contained).
 ``none``
     A new session with resource limits only: no network isolation, escaped ``setsid()`` children can
     survive, and the parent's environment is readable through ``/proc`` when uids match.
@@ -28,8 +30,10 @@ backend (a forced backend that does not work is an error, never a silent downgra
 
 Resource limits are set with ``prlimit`` (util-linux) right before the interpreter starts, hard
 limit equal to soft limit so the program cannot raise them: address space (``memory_mb``), CPU
-seconds, file size (``file_mb``), process count (``max_procs``; counted per user namespace or per
-random uid, so one fork bomb cannot starve another sandbox), open files, and no core dumps.
+seconds, file size (``file_mb``), process count (``max_procs``, counted per sandbox), open files,
+and no core dumps.  Sandboxed code gets the standard library only (``python -I -S``); if this
+process's interpreter is unreadable for an unprivileged uid (pyenv under ``/root``), the system
+interpreter of the same version is used (``Isolation.python`` says which).
 """
 
 from __future__ import annotations
@@ -71,6 +75,8 @@ class Isolation:
     pid_namespace: bool  # whole tree dies with the sandbox; host processes (and their environ) hidden
     readonly_fs: bool  # only private scratch tmpfs mounts are writable
     separate_uid: bool  # runs under a uid that owns no host files
+    process_limit: bool  # RLIMIT_NPROC is enforced (the kernel exempts host root)
+    python: str = ""  # interpreter used inside the sandbox
     note: str = ""
 
 
@@ -119,23 +125,43 @@ def _world_accessible(path: str) -> bool:
         return False
 
 
-def _interpreter() -> tuple[str, list[str]]:
-    """The real interpreter binary and the folders it needs (its prefix), outside any venv.
+@functools.lru_cache(maxsize=None)
+def _interpreter(unprivileged: bool) -> str:
+    """The real interpreter binary to run sandboxed code with (outside any venv).
 
     Sandboxed programs get the standard library only (``-I -S``): no site-packages, which keeps
-    start-up near 15 ms and the attack surface small.
+    start-up near 15 ms and the attack surface small.  When the sandbox runs under a uid that owns
+    nothing (``unprivileged``) and this process's interpreter is out of its reach (e.g. pyenv
+    under ``/root``), the system interpreter of the same version is used instead.
     """
     exe = os.path.realpath(sys.executable)
-    prefixes = {os.path.realpath(sys.base_prefix), os.path.realpath(sys.base_exec_prefix)}
-    return exe, sorted(p for p in prefixes if not p.startswith("/usr/") and p != "/usr")
+    if not unprivileged or _world_accessible(exe):
+        return exe
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    for candidate in (f"/usr/bin/{version}", f"/usr/local/bin/{version}"):
+        if os.path.exists(candidate) and _world_accessible(candidate):
+            return os.path.realpath(candidate)
+    return ""
 
 
-def _bwrap_prefix(src: str, limits: "_Limits", python_prefixes: list[str]) -> list[str]:
+def _prefixes(exe: str) -> list[str]:
+    """Folders the interpreter needs besides /usr (its installation prefix)."""
+    if exe == os.path.realpath(sys.executable):
+        found = {os.path.realpath(sys.base_prefix), os.path.realpath(sys.base_exec_prefix)}
+    else:
+        found = {os.path.dirname(os.path.dirname(exe))}
+    return sorted(p for p in found if p != "/usr" and not p.startswith("/usr/"))
+
+
+def _bwrap_prefix(src: str, limits: "_Limits", python: str, drop_uid: bool) -> list[str]:
     bwrap = shutil.which("bwrap") or "bwrap"
-    argv = [
+    # As root, bwrap itself runs under a fresh unprivileged uid: the kernel never applies
+    # RLIMIT_NPROC to host root, even inside a user namespace.
+    argv = _uid_drop_argv(_random_uid()) if drop_uid else []
+    argv += [
         bwrap,
         "--unshare-all",  # net, pid, ipc, uts, cgroup (+ user-try)
-        "--unshare-user",  # even as root: per-sandbox process count and no host capabilities
+        "--unshare-user",
         "--uid", str(_SANDBOX_UID), "--gid", str(_SANDBOX_UID),
         "--die-with-parent",
         "--new-session",  # no TIOCSTI into a terminal
@@ -151,7 +177,7 @@ def _bwrap_prefix(src: str, limits: "_Limits", python_prefixes: list[str]) -> li
             argv += ["--symlink", os.readlink(path), path]
         elif os.path.isdir(path):
             argv += ["--ro-bind", path, path]
-    for path in python_prefixes:
+    for path in _prefixes(python):
         argv += ["--ro-bind", path, path]
     for path in ("/etc/ld.so.cache", "/etc/localtime", "/etc/alternatives"):
         argv += ["--ro-bind-try", path, path]
@@ -205,6 +231,10 @@ def _probe(argv: list[str]) -> str:
     return ""
 
 
+def _ok_cmd(python: str) -> list[str]:
+    return [python, "-I", "-S", "-c", "print('ok')"]
+
+
 @functools.lru_cache(maxsize=None)
 def detect_isolation(backend: str | None = None) -> Isolation:
     """The isolation ``run_python`` applies here (probed once per process, then cached).
@@ -215,43 +245,61 @@ def detect_isolation(backend: str | None = None) -> Isolation:
     forced = backend or os.environ.get("REWARDS_SANDBOX_BACKEND") or None
     if forced is not None and forced not in BACKENDS:
         raise ValueError(f"unknown sandbox backend {forced!r}; expected one of {BACKENDS}")
-    exe, prefixes = _interpreter()
-    ok_cmd = [exe, "-I", "-S", "-c", "print('ok')"]
     is_root = os.geteuid() == 0
-    uid_drop = is_root and _world_accessible(exe) and shutil.which("setpriv") is not None
+    # As root, prefer a fresh unprivileged uid: file permissions then protect the host and the
+    # kernel enforces the process-count limit (it never does for root).
+    unpriv_python = _interpreter(True) if is_root and shutil.which("setpriv") else ""
+    own_python = _interpreter(False)
+    attempts = [(True, unpriv_python)] if unpriv_python else []
+    attempts.append((False, own_python))
     reasons = []
     if forced in (None, "bwrap"):
         if shutil.which("bwrap") is None:
-            why = "bwrap not installed (Debian/Ubuntu package 'bubblewrap')"
+            reasons.append("bwrap not installed (Debian/Ubuntu package 'bubblewrap')")
         else:
-            with tempfile.TemporaryDirectory(prefix="sbx-probe-") as src:
-                os.chmod(src, 0o755)
-                why = _probe(_bwrap_prefix(src, _Limits.default(), prefixes) + ok_cmd)
-        if not why:
-            return Isolation("bwrap", network=True, pid_namespace=True, readonly_fs=True,
-                             separate_uid=True, note="bubblewrap: user/pid/net/ipc/uts namespaces, "
-                             "read-only root, tmpfs scratch")
+            for drop, python in attempts:
+                with tempfile.TemporaryDirectory(prefix="sbx-probe-") as src:
+                    os.chmod(src, 0o755)
+                    why = _probe(_bwrap_prefix(src, _Limits.default(), python, drop) + _ok_cmd(python))
+                if not why:
+                    limit = drop or not is_root
+                    note = "bubblewrap: user/pid/net/ipc/uts namespaces, read-only root, tmpfs scratch"
+                    if not limit:
+                        note += "; runs as host root, so no process-count limit"
+                    return Isolation("bwrap", network=True, pid_namespace=True, readonly_fs=True,
+                                     separate_uid=limit, process_limit=limit, python=python,
+                                     note="; ".join([note] + reasons))
+                reasons.append(f"bwrap{' under a fresh uid' if drop else ''} unusable: {why}")
         if forced == "bwrap":
-            raise RuntimeError(f"sandbox backend 'bwrap' unusable: {why}")
-        reasons.append(f"bwrap unusable: {why}")
+            raise RuntimeError("sandbox backend 'bwrap' unusable: " + "; ".join(reasons))
     if forced in (None, "unshare"):
         if shutil.which("unshare") is None:
-            why = "unshare (util-linux) not installed"
+            reasons.append("unshare (util-linux) not installed")
         else:
-            drop = _uid_drop_argv(_random_uid()) if uid_drop else []
-            why = _probe(_unshare_prefix() + drop + ok_cmd)
-        if not why:
-            note = ("unshare: net/pid namespaces; " + (
-                "random unprivileged uid, so file permissions guard host files" if uid_drop
-                else "runs as the calling user: host files it owns are writable"))
-            return Isolation("unshare", network=True, pid_namespace=True, readonly_fs=False,
-                             separate_uid=uid_drop, note="; ".join([note] + reasons))
+            for drop, python in attempts:
+                why = _probe(_unshare_prefix() + (_uid_drop_argv(_random_uid()) if drop else [])
+                             + _ok_cmd(python))
+                if not why:
+                    if drop:
+                        note = "random unprivileged uid, so file permissions guard host files"
+                    elif is_root:
+                        note = "runs as root: host files are writable and there is no process-count limit"
+                    else:
+                        note = "runs as the calling user: host files it owns are writable"
+                    return Isolation("unshare", network=True, pid_namespace=True, readonly_fs=False,
+                                     separate_uid=drop, process_limit=drop or not is_root,
+                                     python=python,
+                                     note="; ".join([f"unshare: net/pid namespaces; {note}"] + reasons))
+                reasons.append(f"unshare{' under a fresh uid' if drop else ''} unusable: {why}")
         if forced == "unshare":
-            raise RuntimeError(f"sandbox backend 'unshare' unusable: {why}")
-        reasons.append(f"unshare unusable: {why}")
-    note = "; ".join(["no namespaces: network reachable, setsid() children may survive"] + reasons)
+            raise RuntimeError("sandbox backend 'unshare' unusable: " + "; ".join(reasons))
+    drop = bool(unpriv_python)
+    note = "no namespaces: network reachable, setsid() children may survive"
+    if is_root and not drop:
+        note += ", and as root there is no process-count limit"
     return Isolation("none", network=False, pid_namespace=False, readonly_fs=False,
-                     separate_uid=uid_drop, note=note)
+                     separate_uid=drop, process_limit=drop or not is_root,
+                     python=unpriv_python or own_python, note="; ".join([note] + reasons))
 
 
 @functools.lru_cache(maxsize=None)
@@ -367,11 +415,10 @@ def _prepare(host_tmp, code, files, args, limits, iso):
         os.chmod(os.path.join(src, name), 0o644)
     os.chmod(host_tmp, 0o755)
     os.chmod(src, 0o755)
-    exe, prefixes = _interpreter()
-    py = [exe, "-I", "-S", "-B"]
+    py = [iso.python, "-I", "-S", "-B"]
     if iso.backend == "bwrap":
-        argv = _bwrap_prefix(src, limits, prefixes) + limits.prlimit_argv()
-        argv += py + [f"{_SRC_IN_SANDBOX}/main.py", *args]
+        argv = _bwrap_prefix(src, limits, iso.python, iso.separate_uid and os.geteuid() == 0)
+        argv += limits.prlimit_argv() + py + [f"{_SRC_IN_SANDBOX}/main.py", *args]
         return argv, _base_env(_WORK_IN_SANDBOX), "/"
     work = os.path.join(host_tmp, "work")
     os.mkdir(work)
@@ -408,7 +455,7 @@ def _execute(argv, env, cwd, data, limits, iso) -> ExecResult:
             except subprocess.TimeoutExpired:
                 reason = "timeout"
     finally:
-        _kill_tree(proc)
+        _kill_tree(proc, iso)
     wall = time.monotonic() - start
     code = proc.returncode
     status, why = _classify(code, reason, err, iso)
@@ -479,9 +526,10 @@ def _pump(proc, data, out, err, deadline, cap) -> tuple[str, bool]:
     return "", False
 
 
-def _children(pid: int) -> list[int]:
-    """PIDs whose parent is ``pid`` (scans /proc; /proc/<pid>/task/*/children is often absent)."""
-    kids = []
+def _procs_where(field: int, value: int) -> list[int]:
+    """PIDs whose /proc/<pid>/stat field (counted after the command name: 1 = ppid, 2 = pgrp)
+    equals ``value``.  /proc/<pid>/task/*/children is often compiled out, so scan."""
+    found = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -490,9 +538,9 @@ def _children(pid: int) -> list[int]:
                 fields = f.read().rsplit(b")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[1]) == pid:
-            kids.append(int(name))
-    return kids
+        if int(fields[field]) == value and fields[0] not in (b"Z", b"X"):
+            found.append(int(name))
+    return found
 
 
 def _gone(pid: int) -> bool:
@@ -503,34 +551,40 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def _kill_tree(proc: subprocess.Popen) -> None:
+def _kill_tree(proc: subprocess.Popen, iso: Isolation) -> None:
     """SIGKILL everything the run started and wait until the kernel has torn it down."""
-    if proc.poll() is not None:
-        # Normal exit: bwrap/unshare reaped the namespace's PID 1, which the kernel only lets
-        # happen after every process in the namespace is dead.  Without a namespace, sweep the group.
+    if proc.poll() is None:
+        # The namespace's PID 1 is a child of bwrap/unshare; killing it directly (not only through
+        # PR_SET_PDEATHSIG, which is asynchronous) lets us wait until the namespace is empty:
+        # the kernel reaps a namespace's PID 1 only after every other process in it is gone.
+        inits = _procs_where(1, proc.pid) if iso.pid_namespace else []
+        for pid in inits:
+            _signal(pid, signal.SIGKILL)
+        _signal(-proc.pid, signal.SIGKILL)
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        return
-    # The namespace's PID 1 is a child of bwrap/unshare; killing it directly (not only through
-    # PR_SET_PDEATHSIG, which is asynchronous) lets us wait until the namespace is empty.
-    inits = _children(proc.pid)
-    for pid in inits:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # pragma: no cover - the kernel ignored SIGKILL
+            log.error("sandbox process %d did not die after SIGKILL", proc.pid)
+        _wait_until(lambda: all(_gone(p) for p in inits))
+    if not iso.pid_namespace:
+        # No namespace: the process group is all we hold (children that called setsid() escape).
+        _signal(-proc.pid, signal.SIGKILL)
+        _wait_until(lambda: not _procs_where(2, proc.pid))
+
+
+def _signal(pid: int, sig: int) -> None:
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
+        if pid < 0:
+            os.killpg(-pid, sig)
+        else:
+            os.kill(pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:  # pragma: no cover - the kernel ignored SIGKILL
-        log.error("sandbox process %d did not die after SIGKILL", proc.pid)
-    end = time.monotonic() + 2.0
-    while time.monotonic() < end and not all(_gone(p) for p in inits):
+
+
+def _wait_until(done, limit_s: float = 2.0) -> None:
+    end = time.monotonic() + limit_s
+    while not done() and time.monotonic() < end:
         time.sleep(0.005)
 
 
@@ -544,6 +598,8 @@ def _classify(code, reason, err: bytearray, iso: Isolation) -> tuple[str, str]:
     tail = bytes(err[-4096:])
     if b"MemoryError" in tail or b"Cannot allocate memory" in tail:
         return "memory", "address-space limit"
+    if b"File too large" in tail:
+        return "error", "file-size limit"
     # Through bwrap a signal shows as 128+N; directly as -N.
     sig = -code if code < 0 else code - 128 if code > 128 and iso.backend == "bwrap" else 0
     if sig == signal.SIGXCPU:

@@ -64,8 +64,7 @@ class AttnBatch:
         slots = table[seq_of, positions // block_size] * block_size + positions % block_size
         qpos = start_t[:, None] + torch.arange(tq)[None]  # (B, Tq)
         # Padded query slots look at their sequence's real keys only, so no row is fully masked (no NaN).
-        limit = torch.minimum(qpos, torch.tensor(ctx)[:, None] - 1)
-        mask = torch.arange(length)[None, None] <= limit[..., None]  # (B, Tq, L)
+        limit = torch.minimum(qpos, torch.tensor(ctx)[:, None] - 1)  # (B, Tq) last visible key
         pad_index = unpad_index = None
         if bool((len_t != tq).any()):
             first = torch.cumsum(len_t, 0) - len_t
@@ -73,7 +72,8 @@ class AttnBatch:
             unpad_index = seq_of * tq + offset  # (N,)
         to = dict(device=device, non_blocking=True)
         positions = positions.to(**to)
-        return cls(positions=positions, slots=slots.to(**to), block_tables=table.to(**to), mask=mask.to(**to),
+        mask = torch.arange(length, device=device)[None, None] <= limit.to(**to)[..., None]  # (B, Tq, L)
+        return cls(positions=positions, slots=slots.to(**to), block_tables=table.to(**to), mask=mask,
                    pad_index=None if pad_index is None else pad_index.to(**to),
                    unpad_index=None if unpad_index is None else unpad_index.to(**to),
                    freqs=rotary.freqs(positions), num_seqs=b, query_len=tq, context_len=length)
@@ -157,5 +157,16 @@ def _expanded(a, q_nope, q_pe, ctx, batch: AttnBatch, shape: MLAShape) -> torch.
     k_nope, v = kv.split([dn, dv], dim=-1)
     k = torch.cat([k_nope, pe_ctx[:, None].expand(b, hn, length, dr)], dim=-1)  # (B, Hn, L, Dq)
     q = batch.pad(torch.cat([q_nope, q_pe], dim=-1)).transpose(1, 2)  # (B, Hn, Tq, Dq)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.mask[:, None], scale=shape.scale)  # (B,Hn,Tq,Dv)
+    out = _attend(q, k, v, batch.mask[:, None], shape.scale)  # (B, Hn, Tq, Dv)
     return batch.unpad(out.transpose(1, 2)).reshape(n, hn * dv)  # (N, Hn*Dv)
+
+
+def _attend(q, k, v, mask, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) v over visible keys; (B, Hn, Tq, D) x (B, Hn, L, D) -> (B, Hn, Tq, Dv)."""
+    if q.device.type == "cpu" or min(q.shape[-1], v.shape[-1]) >= 32:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    # SDPA's CUDA kernels returned wrong bf16 results at head dim 8 (torch 2.11, H200) while real MLA head dims
+    # (192/128) matched; tiny heads take this plain path, which is cheap at their size.
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1).to(v.dtype)
+    return torch.matmul(probs, v)

@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .cache import BlockManager, LatentCache, kv_bytes_per_token
+from .graphs import DecodeGraphs
 from .params import CompletionOutput, RequestOutput, SamplingParams
 from .runner import ModelRunner
 from .sampler import make_generator, sample
@@ -29,14 +30,17 @@ class Engine:
     ``kv_cache_bytes`` (default: room for ``max_num_seqs`` sequences of ``max_model_len`` tokens, capped at
     ``kv_cache_memory_fraction`` of free GPU memory; on CPU at 4096 tokens a sequence and 1 GiB), ``max_model_len``,
     ``eos_token_id`` (int or list), ``seed`` (draws seeds for requests that bring none), ``use_tqdm``,
-    ``prefill_attention`` ('expanded' or 'absorbed'), ``moe_backend`` ('auto', 'grouped', 'loop').
+    ``prefill_attention`` ('expanded' or 'absorbed'), ``moe_backend`` ('auto', 'grouped', 'loop'),
+    ``cuda_graphs`` (replay decode steps from CUDA graphs; default on for CUDA in bf16/fp16 with grouped
+    experts; on CPU, True runs the same padded decode path without graphs).
     """
 
     def __init__(self, config, weights: ModelWeights, *, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 4096, block_size: int = 16, num_blocks: int | None = None,
                  kv_cache_bytes: int | None = None, kv_cache_memory_fraction: float = 0.4,
                  max_model_len: int | None = None, eos_token_id: int | list[int] | None = None, seed: int | None = 0,
-                 use_tqdm: bool = True, prefill_attention: str = "expanded", moe_backend: str = "auto"):
+                 use_tqdm: bool = True, prefill_attention: str = "expanded", moe_backend: str = "auto",
+                 cuda_graphs: bool | None = None):
         if max_num_seqs < 1 or max_num_batched_tokens < 1 or block_size < 1:
             raise ValueError("max_num_seqs, max_num_batched_tokens and block_size must be positive")
         self.config = config
@@ -68,11 +72,20 @@ class Engine:
             num_blocks = kv_cache_bytes // (per_token * block_size)
         if num_blocks < 1:
             raise ValueError(f"the KV cache budget holds no block of {block_size} tokens ({per_token} B/token)")
-        self.cache = LatentCache(config.num_hidden_layers, num_blocks, block_size, config.kv_lora_rank,
+        # One block more than the manager hands out: padded decode rows write there (see graphs.py).
+        self.cache = LatentCache(config.num_hidden_layers, num_blocks + 1, block_size, config.kv_lora_rank,
                                  config.qk_rope_head_dim, self.dtype, self.device)
         self.blocks = BlockManager(num_blocks, block_size)
         self.runner = ModelRunner(config, weights, self.cache, self.device, self.dtype, prefill_attention,
                                   moe_backend)
+        on_cuda = self.device.type == "cuda"
+        if cuda_graphs is None:
+            # fp32 grouped GEMM on CUDA copies from the host inside (torch 2.11), which capture forbids.
+            cuda_graphs = on_cuda and self.runner.moe_backend == "grouped" and self.dtype != torch.float32
+        if cuda_graphs and self.runner.moe_backend != "grouped":
+            raise ValueError("cuda_graphs needs moe_backend='grouped' (the loop backend syncs with the host)")
+        self.graphs = DecodeGraphs(self.runner, max_num_seqs, -(-self.max_model_len // block_size),
+                                   scratch_block=num_blocks, capture=on_cuda) if cuda_graphs else None
         log.info("engine: %d cache blocks x %d tokens (%.1f MiB, %d B/token), weights %.1f MiB on %s",
                  num_blocks, block_size, self.cache.num_bytes() / 2**20, per_token, weights.num_bytes() / 2**20,
                  self.device)
@@ -153,7 +166,12 @@ class Engine:
                                f"running, {self.blocks.num_free}/{self.blocks.num_blocks} blocks free")
         self.cache.copy_blocks(plan.copies)
         record = any(c.seq.request.params.return_routing for c in plan.chunks)
-        logits, routing = self._forward(plan.chunks, record)
+        if not plan.prefill and self.graphs is not None and self.graphs.fits(
+                len(plan.chunks), max(c.start + 1 for c in plan.chunks)):
+            logits, routing = self.graphs.run([c.seq.tokens[c.start] for c in plan.chunks],
+                                              [c.start for c in plan.chunks], [c.seq.block_table for c in plan.chunks])
+        else:
+            logits, routing = self._forward(plan.chunks, record)
         n_tokens = sum(c.length for c in plan.chunks)
         if plan.prefill:
             self.stats.prefill_steps += 1
@@ -162,7 +180,7 @@ class Engine:
             self.stats.decode_steps += 1
             self.stats.decode_tokens += n_tokens
 
-        routing = routing.cpu() if routing is not None else None
+        routing = routing.cpu() if (routing is not None and record) else None
         to_sample: list[tuple[Sequence, int]] = []
         offset, row = 0, 0
         for c in plan.chunks:

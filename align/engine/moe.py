@@ -61,7 +61,10 @@ def experts_grouped(x, idx, weights, gate_up, down, act) -> torch.Tensor:
     flat = idx.reshape(-1)  # (N*k,)
     order = torch.argsort(flat, stable=True)
     token = order // k  # (N*k,) source token of each sorted assignment
-    offs = torch.cumsum(torch.bincount(flat, minlength=gate_up.shape[0]), 0).to(torch.int32)  # (E,) group ends
+    # Counting with scatter_add rather than bincount: bincount sizes its output on the host (a device sync).
+    counts = torch.zeros(gate_up.shape[0], dtype=torch.long, device=x.device).scatter_add_(0, flat,
+                                                                                        torch.ones_like(flat))
+    offs = torch.cumsum(counts, 0).to(torch.int32)  # (E,) end of each expert's rows
     h = _GROUPED_MM(x[token], gate_up.transpose(1, 2), offs=offs)  # (N*k, 2I)
     gate, up = h.chunk(2, dim=-1)
     y = _GROUPED_MM(act(gate) * up, down.transpose(1, 2), offs=offs)  # (N*k, H)
@@ -100,8 +103,8 @@ def pick_backend(backend: str, config, device: torch.device, dtype: torch.dtype)
                          "hidden / moe_intermediate sizes whose rows are multiples of 16 bytes")
     if backend != "auto":
         return backend
-    # CUDA grouped GEMM kernels take bf16; CPU's take any float dtype.
-    ok = _GROUPED_MM is not None and aligned and (device.type == "cpu" or dtype == torch.bfloat16)
+    # CPU kernels take any float dtype; CUDA ones were checked in bf16 and fp32 (torch 2.11, H200).
+    ok = _GROUPED_MM is not None and aligned and (device.type == "cpu" or dtype in (torch.bfloat16, torch.float32))
     return "grouped" if ok else "loop"
 
 

@@ -33,11 +33,23 @@ class ModelRunner:
     def batch(self, starts: list[int], lengths: list[int], tables: list[list[int]]) -> AttnBatch:
         return AttnBatch.build(starts, lengths, tables, self.cache.block_size, self.rotary, self.device)
 
+    def static_batch(self, positions: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
+                     context_lens: torch.Tensor, length: int) -> AttnBatch:
+        """A decode batch (one new token per sequence) built on the device alone, so it can be graph-captured.
+
+        ``tables`` (B, length // block_size) and ``context_lens`` (B,) live on the device; keys at or past a
+        sequence's context length are masked.
+        """
+        mask = torch.arange(length, device=positions.device)[None, None] < context_lens[:, None, None]  # (B, 1, L)
+        return AttnBatch(positions=positions, slots=slots, block_tables=tables, mask=mask, pad_index=None,
+                         unpad_index=None, freqs=self.rotary.freqs(positions), num_seqs=positions.shape[0],
+                         query_len=1, context_len=length)
+
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, batch: AttnBatch, logit_rows: torch.Tensor,
+    def forward(self, input_ids: torch.Tensor, batch: AttnBatch, logit_rows: torch.Tensor | None,
                 record_routing: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(N,) new tokens -> fp32 logits (M, V) at packed rows ``logit_rows`` (M,), and optionally the routed
-        experts of every new token, (N, n_moe_layers, top_k)."""
+        """(N,) new tokens -> fp32 logits (M, V) at packed rows ``logit_rows`` (M,; None: every row), and
+        optionally the routed experts of every new token, (N, n_moe_layers, top_k)."""
         w = self.weights
         absorb = batch.query_len == 1 or self.prefill_attention == "absorbed"
         h = F.embedding(input_ids, w.embed)  # (N, H)
@@ -53,7 +65,9 @@ class ModelRunner:
             else:
                 out = dense_mlp(x, layer.mlp, self.act)
             h = h + out
-        h = rms_norm(h[logit_rows], w.norm, self.eps)  # only rows whose next token is wanted
+        if logit_rows is not None:
+            h = h[logit_rows]  # only rows whose next token is wanted
+        h = rms_norm(h, w.norm, self.eps)
         logits = F.linear(h, w.lm_head).float()
         routing = torch.stack(routes, dim=1).to(torch.int32) if routes else None  # (N, n_moe, k)
         return logits, routing

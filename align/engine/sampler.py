@@ -54,7 +54,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
             # Nucleus over what top-k kept (renormalised), keeping the smallest prefix reaching top_p.
             before = probs.cumsum(dim=-1) - probs  # mass strictly before each token
             total = probs.sum(dim=-1, keepdim=True)
-            cut = torch.tensor(top_p, device=device, dtype=probs.dtype)[:, None] * total
+            cut = torch.tensor([p if p < 1.0 else float("inf") for p in top_p], device=device)[:, None] * total
             probs = probs.masked_fill(before >= cut, 0.0)
         cdf = probs.double().cumsum(dim=-1)  # fp64: u * total stays strictly below the last step
         u = torch.stack([torch.rand((), generator=generators[i], dtype=torch.float64) for i in rand])

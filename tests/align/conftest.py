@@ -49,3 +49,26 @@ def run_align(*args, env=None, timeout=600, check=True) -> subprocess.CompletedP
 def root(monkeypatch):
     monkeypatch.chdir(ROOT)
     return ROOT
+
+
+def micro_grpo(out_dir: Path, sft_dir: Path, steps: int = 3, mode: str = "ray", **extra) -> dict:
+    raw = yaml.safe_load((ROOT / "recipes/tiny/grpo.yaml").read_text())
+    raw["output_dir"] = str(out_dir)
+    raw["model"]["path"] = str(sft_dir)
+    raw["data"]["train"][0]["limit"] = 64
+    raw["eval"].update(limit=4, samples=2, max_new_tokens=16, batch_size=8)
+    raw["rollout"].update(mode=mode, num_cpus=0.5, timeout_s=120)
+    raw["trainer"].update(max_steps=steps, save_steps=max(1, steps // 2), logging_steps=1, num_generations=4,
+                          per_device_train_batch_size=8, max_completion_length=16, report_to=[], disable_tqdm=True)
+    for key, value in extra.items():
+        raw[key] = value
+    return raw
+
+
+@pytest.fixture(scope="session")
+def micro_sft_dir(tmp_path_factory) -> Path:
+    """One small trained SFT folder shared by the GRPO/export tests."""
+    base = tmp_path_factory.mktemp("micro_sft")
+    out = base / "sft"
+    run_align("sft", "--config", write_recipe(base / "sft.yaml", micro_sft(out, steps=10)))
+    return out

@@ -15,12 +15,16 @@ ALIGNED = dict(num_attention_heads=4, num_key_value_heads=4, hidden_size=64, moe
                routed_scaling_factor=2.0, rope_parameters=YARN, first_k_dense_replace=1)
 
 
-def test_cuda_fp32_matches_reference(tiny):
+def _tokens(outs):
+    return [[c.token_ids for c in o.outputs] for o in outs]
+
+
+def test_cuda_fp32_matches_reference_and_is_batch_invariant(tiny):
     config = tiny.config(seed=2, **ALIGNED)
     model = tiny.model(config, seed=2).cuda()
     prompts = tiny.prompts(config.vocab_size, [3, 17, 9, 30], seed=2)
     engine = Engine.from_model(model, block_size=4, use_tqdm=False)
-    assert engine.device.type == "cuda"
+    assert engine.device.type == "cuda" and engine.runner.moe_backend == "grouped"
     outs = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
     for p, o in zip(prompts, outs):
         c = o.outputs[0]
@@ -31,21 +35,42 @@ def test_cuda_fp32_matches_reference(tiny):
             ref = torch.log_softmax(model(torch.tensor([ids], device="cuda")).logits[0].float(), -1).cpu()
         assert c.token_ids == ids[len(p):]
         want = ref[len(p) - 1 + torch.arange(8), torch.tensor(c.token_ids)]
-        assert (torch.tensor(c.logprobs) - want).abs().max() < 1e-3  # TF32-free fp32 on GPU, loose for cuBLAS
+        assert (torch.tensor(c.logprobs) - want).abs().max() < 1e-3
+    sp = SamplingParams(n=3, temperature=1.0, max_tokens=10, seed=7, ignore_eos=True)
+    assert _tokens(engine.generate(prompts, sp))[1] == _tokens(engine.generate(prompts[1:2], sp))[0]
 
 
-def test_cuda_bf16_grouped_experts_and_seeds(tiny):
+def test_cuda_bf16_graphs_match_fp32_scores(tiny):
     config = tiny.config(seed=3, **ALIGNED)
     model = tiny.model(config, seed=3)
     prompts = tiny.prompts(config.vocab_size, [5, 21, 12], seed=3)
     engine = Engine.from_model(model, device="cuda", dtype=torch.bfloat16, block_size=4, use_tqdm=False)
-    assert engine.runner.moe_backend == "grouped"
+    assert engine.runner.moe_backend == "grouped" and engine.graphs is not None and engine.graphs.capture
     sp = SamplingParams(n=3, temperature=1.0, max_tokens=10, seed=7, ignore_eos=True)
     together = engine.generate(prompts, sp)
-    alone = engine.generate(prompts[1:2], sp)[0]
-    assert [c.token_ids for c in alone.outputs] == [c.token_ids for c in together[1].outputs]
+    assert engine.graphs.graphs, "decode steps should have been captured"
+    assert _tokens(engine.generate(prompts, sp)) == _tokens(together)  # replays are deterministic
     ref = Engine.from_model(model, block_size=4, use_tqdm=False)  # fp32 on CPU
-    scored = ref.score(prompts, [o.outputs[0].token_ids for o in together])
-    for o, s in zip(together, scored):
-        assert (torch.tensor(o.outputs[0].logprobs) - torch.tensor(s)).abs().max() < 0.15
+    for i in range(3):
+        scored = ref.score(prompts, [o.outputs[i].token_ids for o in together])
+        for o, s in zip(together, scored):
+            assert (torch.tensor(o.outputs[i].logprobs) - torch.tensor(s)).abs().max() < 0.15
     assert engine.blocks.num_used == 0
+
+
+def test_cuda_graphs_survive_weight_swaps(tiny):
+    config = tiny.config(seed=4, **ALIGNED)
+    old, new = tiny.model(config, seed=4), tiny.model(config, seed=5)
+    prompts = tiny.prompts(config.vocab_size, [4, 19, 7], seed=4)
+    sp = SamplingParams(n=2, temperature=1.0, max_tokens=12, seed=1, ignore_eos=True)
+    opts = dict(device="cuda", dtype=torch.bfloat16, block_size=4, use_tqdm=False)
+    engine = Engine.from_model(old, **opts)
+    before = _tokens(engine.generate(prompts, sp))
+    captured = dict(engine.graphs.graphs)
+    engine.load_weights(new.state_dict(), version=2)  # the captured graphs read the same, updated tensors
+    after = engine.generate(prompts, sp)
+    assert engine.graphs.graphs == captured  # replayed, not recaptured
+    fresh = Engine.from_model(new, **opts).generate(prompts, sp)
+    assert _tokens(after) == _tokens(fresh) != before
+    for a, b in zip(after, fresh):
+        assert [c.logprobs for c in a.outputs] == [c.logprobs for c in b.outputs]

@@ -1,5 +1,7 @@
 """Continuous batching: limits on sequences and tokens change the schedule, never the results."""
 
+import torch
+
 from align.engine import Engine, SamplingParams
 
 
@@ -37,3 +39,23 @@ def test_request_with_more_samples_than_max_num_seqs(small_model, tiny):
     wide, _ = _results(small_model, prompts, sp)
     narrow, _ = _results(small_model, prompts, sp, max_num_seqs=2)
     assert narrow == wide and all(len(r) == 5 for r in narrow)
+
+
+
+def test_padded_static_decode_path(small_model, tiny):
+    """The shape-bucketed decode that CUDA graphs replay, run eagerly: same tokens, routing and block use."""
+    prompts = tiny.prompts(small_model.config.vocab_size, [3, 17, 9, 30, 5], seed=33)
+    greedy = SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True, return_routing=True)
+    sampled = SamplingParams(n=3, temperature=1.0, max_tokens=7, seed=2, ignore_eos=True)
+    eager = Engine.from_model(small_model, block_size=4, use_tqdm=False)
+    static = Engine.from_model(small_model, block_size=4, use_tqdm=False, cuda_graphs=True)
+    assert eager.graphs is None and static.graphs is not None and not static.graphs.capture
+    for sp in (greedy, sampled):
+        want, got = eager.generate(prompts, sp), static.generate(prompts, sp)
+        for a, b in zip(want, got):
+            assert [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]
+            if sp.return_routing:
+                assert torch.equal(a.outputs[0].routing, b.outputs[0].routing)
+        assert static.blocks.num_used == 0
+    for p, o in zip(prompts, static.generate(prompts, greedy)):
+        assert o.outputs[0].token_ids == tiny.ref_greedy(small_model, p, 9)

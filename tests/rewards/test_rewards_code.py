@@ -203,7 +203,7 @@ def _rows(path: pathlib.Path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-@pytest.mark.parametrize("split", ["train", "heldout"])
+@pytest.mark.parametrize("split", [pytest.param("train", marks=pytest.mark.slow), "heldout"])
 def test_shipped_reference_solutions_score_one(split):
     path = ROOT / "data" / "code" / f"{split}.jsonl"
     if not path.exists():
@@ -221,3 +221,13 @@ def test_shipped_reference_solutions_score_one(split):
     )
     bad = [(k, r["prompt"][:60]) for k, (r, s) in enumerate(zip(rows, scores)) if s != 1.0]
     assert not bad, f"{len(bad)} of {len(rows)} reference solutions failed, e.g. {bad[:5]}"
+
+
+def test_called_the_way_trl_calls_it():
+    logged = {}
+    scores = code_tests(
+        prompts=["p"], completions=["```python\nwhile True:\n    pass\n```"], completion_ids=[[1, 2]],
+        tests=["assert f() == 1"], entry_point=["f"], trainer_state=None,
+        log_extra=lambda column, values: None, log_metric=logged.__setitem__, timeout_s=1.0)
+    assert scores == [0.0]
+    assert logged == {"code_tests/timeout_frac": 1.0}

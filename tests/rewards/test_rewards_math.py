@@ -258,3 +258,12 @@ def test_shipped_math_reference_solutions_score_one(split):
     got = math_accuracy([r["solution"] for r in rows], answer=[r["answer"] for r in rows])
     bad = [(r["solution"], r["answer"]) for r, g in zip(rows, got) if g != 1.0]
     assert not bad, bad[:5]
+
+
+def test_called_the_way_trl_calls_it():
+    logged = {}
+    got = math_accuracy(prompts=["p", "q"], completions=[r"so \boxed{3}", "no idea"], completion_ids=[[1], [2]],
+                        answer=["3", "4"], trainer_state=None, log_extra=lambda c, v: None,
+                        log_metric=logged.__setitem__)
+    assert got == [1.0, 0.0]
+    assert logged == {"math_accuracy/no_answer_frac": 0.5}

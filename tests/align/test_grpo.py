@@ -1,0 +1,83 @@
+"""The GRPO stage end to end on a micro model: Ray pool and colocated rollouts, versions, LoRA, kill + resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from align.checkpoint import load_trained
+
+from .conftest import ROOT, micro_grpo, run_align, write_recipe
+
+
+def _rollout_log(out):
+    return [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_grpo_with_two_ray_workers(tmp_path, micro_sft_dir):
+    out = tmp_path / "grpo"
+    raw = micro_grpo(out, micro_sft_dir, steps=3, mode="ray")
+    raw["rollout"]["workers"] = 2
+    run_align("grpo", "--config", write_recipe(tmp_path / "grpo.yaml", raw))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["global_step"] == 3
+    for key in ("heldout_math_accuracy", "heldout_math_pass1", "start_heldout_math_accuracy"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert metrics["pool"]["replaced_workers"] == 0
+    log = _rollout_log(out)
+    assert [entry["step"] for entry in log] == [0, 1, 2]
+    for entry in log:   # every completion of a rollout came from the policy of the step it trained
+        assert entry["policy_versions"] == [entry["step"]]
+        assert entry["completions"] == 8 and entry["groups"] == 2
+        assert sum(entry["workers"].values()) == 2
+        assert entry["expert_load"] and len(entry["expert_load"]) == 1     # one MoE layer in the micro model
+    assert {"model.safetensors", "recipe.lock.yaml", "config.json"} <= {p.name for p in out.iterdir()}
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    logged = {k for h in state["log_history"] for k in h}
+    for key in ("reward", "rewards/math_accuracy/mean", "time/generation_s", "time/sync_s", "time/reward_s",
+                "time/training_s", "experts/layer0_imbalance", "sampling/importance_sampling_ratio/mean",
+                "completions/mean_length", "clip_ratio/region_mean"):
+        assert key in logged, key
+
+
+@pytest.mark.slow
+def test_lora_grpo_colocated(tmp_path, micro_sft_dir):
+    out = tmp_path / "grpo_lora"
+    raw = micro_grpo(out, micro_sft_dir, steps=2, mode="colocated", peft={"r": 4, "lora_alpha": 8})
+    raw["trainer"]["learning_rate"] = 1e-2
+    run_align("grpo", "--config", write_recipe(tmp_path / "grpo.yaml", raw))
+    files = {p.name for p in out.iterdir()}
+    assert "adapter_model.safetensors" in files and "model.safetensors" not in files
+    assert [e["policy_versions"] for e in _rollout_log(out)] == [[0], [1]]
+    merged = load_trained(out)               # the adapter resolves its base (the SFT folder) through the lock
+    base = load_trained(micro_sft_dir)
+    assert merged.state_dict().keys() == base.state_dict().keys()
+
+
+@pytest.mark.slow
+def test_driver_killed_then_resumed(tmp_path, micro_sft_dir):
+    out = tmp_path / "grpo"
+    raw = micro_grpo(out, micro_sft_dir, steps=8, mode="colocated")
+    raw["trainer"].update(save_steps=2, save_total_limit=None)
+    recipe = write_recipe(tmp_path / "grpo.yaml", raw)
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen([sys.executable, "-m", "align", "grpo", "--config", str(recipe)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not (out / "checkpoint-2" / "trainer_state.json").exists():
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+    assert killed_at < 8 and not (out / "metrics.json").exists()
+    res = run_align("grpo", "--config", recipe, "--resume")
+    assert f"checkpoint-{killed_at}" in res.stderr
+    assert json.loads((out / "metrics.json").read_text())["global_step"] == 8
+    steps = [e["step"] for e in _rollout_log(out)]
+    assert steps[-(8 - killed_at):] == list(range(killed_at, 8))   # resumed at the checkpoint's step
