@@ -16,16 +16,18 @@ import sys
 from align.data import DataError
 from align.recipe import RecipeError
 
-# stage -> (module, help)
+# command -> (module, help, recipe stage)
 RECIPE_STAGES = {
-    "sft": ("align.sft", "supervised fine-tuning (TRL SFTTrainer)"),
-    "rm": ("align.reward_model", "train a learned reward model from verifier-labelled pairs (TRL RewardTrainer)"),
-    "grpo": ("align.grpo", "GRPO with engine rollouts from a Ray actor pool (TRL GRPOTrainer)"),
+    "run": ("align.pipeline", "run the whole pipeline from one recipe (stage by stage, resumable) with a report",
+            "pipeline"),
+    "sft": ("align.sft", "supervised fine-tuning (TRL SFTTrainer)", "sft"),
+    "rm": ("align.reward_model", "train a learned reward model from verifier-labelled pairs (TRL RewardTrainer)",
+           "rm"),
+    "grpo": ("align.grpo", "GRPO with engine rollouts from a Ray actor pool (TRL GRPOTrainer)", "grpo"),
 }
 COMMANDS = {
     "export": ("align.export", "merge adapters and write a Hugging Face folder (safetensors, tokenizer, card)"),
     "eval": ("align.evaluate", "pass@k on held-out math/code (or HumanEval/GSM8K jsonl) with the engine"),
-    "run": ("align.pipeline", "run the whole pipeline from one recipe, resumable, with a report"),
     "submit": ("ray_jobs.submit", "submit a stage recipe as a Ray Job to a running cluster"),
     "jobs": ("ray_jobs.submit", "list / status / logs / stop Ray Jobs"),
 }
@@ -56,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--force", action="store_true", help="replace existing generated files")
 
-    for stage, (module, help_text) in RECIPE_STAGES.items():
+    for stage, (module, help_text, _) in RECIPE_STAGES.items():
         if _available(module):
             _add_recipe_args(sub.add_parser(stage, help=help_text))
     for name, (module, help_text) in COMMANDS.items():
@@ -67,10 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_stage(stage: str, args) -> int:
+def _run_stage(command: str, args) -> int:
     from align import recipe
 
-    module = importlib.import_module(RECIPE_STAGES[stage][0])  # registers the stage's recipe type
+    module_name, _, stage = RECIPE_STAGES[command]
+    module = importlib.import_module(module_name)  # registers the stage's recipe type
     loaded = recipe.load(stage, args.config, args.overrides, allow_drift=args.allow_drift)
     for name, (locked, installed) in loaded.drift.items():
         logging.warning("version drift: %s locked %s, installed %s", name, locked, installed)

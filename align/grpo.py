@@ -30,7 +30,7 @@ from align.model import load_tokenizer
 from align.recipe import DataSource, EvalSection, ModelSection, PeftSection
 from align.rollout import ColocatedRollout, policy_state_dict
 from align.sft import check_world_size, lora_config
-from align.stage import install_final, last_checkpoint, lineage, prepare_output_dir
+from align.stage import install_final, last_checkpoint, lineage, prepare_output_dir, write_json
 from ray_jobs.records import PromptGroup, Sampling
 
 log = logging.getLogger(__name__)
@@ -311,6 +311,7 @@ class GRPORun:
         self.state.wait_for_everyone()
         if self.state.is_main_process:
             self.tokenizer.save_pretrained(str(tmp))
+            write_json(tmp / "log_history.json", {"log_history": self.trainer.state.log_history})
             install_final(tmp, self.out)
         self.state.wait_for_everyone()
 

@@ -25,7 +25,7 @@ from align.data import load_rows, to_messages
 from align.metrics import heldout_math, write_metrics
 from align.model import count_parameters, load_tokenizer
 from align.checkpoint import DTYPES, load_base, load_trained
-from align.stage import install_final, last_checkpoint, lineage, prepare_output_dir
+from align.stage import install_final, last_checkpoint, lineage, prepare_output_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,7 @@ class SFTRun:
         self.state.wait_for_everyone()
         if self.state.is_main_process:
             self.tokenizer.save_pretrained(str(tmp))
+            write_json(tmp / "log_history.json", {"log_history": self.trainer.state.log_history})
             install_final(tmp, self.out)
         self.state.wait_for_everyone()
 

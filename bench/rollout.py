@@ -4,7 +4,9 @@ Random weights, random prompts of ``--prompt-len`` tokens, ``--new-tokens`` samp
 ignored, so both sides produce exactly batch x new-tokens tokens. Prints a markdown table. On CUDA it also
 prints the peak memory of each run and the fraction of the memory-bandwidth bound reached: the bytes a decode
 step cannot avoid reading (all non-expert weights, the routed experts the batch is expected to touch under
-uniform routing, the latent cache) over the run's time, against ``--peak-gbps``.
+uniform routing, the latent cache) over the run's time, against ``--peak-gbps``. Each measured run follows a
+warm-up on the same prompts (the engine's a full one, so decode graphs are already captured; transformers' a
+4-token one).
 
     python bench/rollout.py                                   # tiny preset, CPU, fp32, batches 1 and 32
     python bench/rollout.py --preset lite --device cuda --dtype bfloat16 --batches 1 32 128
@@ -113,11 +115,10 @@ def main(argv=None):
         if not args.skip_hf:
             impls.append(("transformers generate", lambda: run_hf(model, prompts, args.new_tokens, device)))
         for name, fn in impls:
-            warm = prompts[:1]
             if name == "engine":
-                run_engine(engine, warm, 4, device)
+                fn()  # a full warm-up run: CUDA graphs are captured once per shape bucket, then replayed
             else:
-                run_hf(model, warm, 4, device)
+                run_hf(model, prompts, 4, device)
             sync(device)
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)

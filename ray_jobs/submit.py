@@ -135,13 +135,17 @@ def _read_runtime_env(path: Path) -> dict:
     return raw
 
 
-def _import_stages() -> None:
-    """Stage modules register their recipe types; validation and stage_of need them."""
+def _import_stages() -> dict[str, str]:
+    """Import the stage modules (they register their recipe types); returns recipe stage -> `align` command."""
     from align.cli import RECIPE_STAGES
 
-    for module, _ in RECIPE_STAGES.values():
+    commands = {}
+    for command, entry in RECIPE_STAGES.items():
+        module, stage = entry[0], (entry[2] if len(entry) > 2 else command)
         if importlib.util.find_spec(module) is not None:
             importlib.import_module(module)
+            commands[stage] = command
+    return commands
 
 
 def stage_for(config: Path) -> str:
@@ -246,18 +250,19 @@ def plan_submission(args, local_cluster: bool, tmp: Path) -> Plan:
     # Recipe paths are relative to the working folder, which is the job's current folder on the cluster.
     os.chdir(working_dir)
 
-    _import_stages()
-    stage = stage_for(config)
     overrides = list(args.overrides)
     if "output_dir" in _override_keys(overrides):
         raise JobsError("output_dir is chosen by `align submit` (--storage and --name), not by an override")
-
     if args.storage is None and not local_cluster:
         raise JobsError(
             f"--storage is required for the cluster at {args.address_url}: it is not on this machine, and without a "
             "shared storage path the run would be written to a temporary folder on whichever node runs the driver. "
             "Pass a folder mounted at the same path on every node (NFS, EFS, Lustre) or an fsspec URI "
             "(s3://bucket/runs, gs://bucket/runs)")
+    commands = _import_stages()
+    stage = stage_for(config)
+    if stage not in commands:
+        raise JobsError(f"{args.config}: stage {stage!r} has no `align` command here")
     storage = storage_mod.resolve(args.storage or str(working_dir / "outputs" / "ray"))
     name = args.name or default_name(stage)
     if args.resume and (not args.name or storage.is_uri):
@@ -320,7 +325,7 @@ def plan_submission(args, local_cluster: bool, tmp: Path) -> Plan:
     with zipfile.ZipFile(package) as z:
         n_files = sum(1 for i in z.infolist() if not i.is_dir())
 
-    cmd = ["align", stage, "--config", config_arg, *final_overrides]
+    cmd = ["align", commands[stage], "--config", config_arg, *final_overrides]
     if args.resume:
         cmd.append("--resume")
     if args.allow_drift:

@@ -197,7 +197,8 @@ def _main():
             return result
         return candidate
 
-    modules = dict(sys.modules)
+    real_modules = sys.modules
+    modules = dict(real_modules)
     module_dicts = {k: dict(m.__dict__) for k, m in modules.items() if m is not None}
     orig_builtins = dict(builtins.__dict__)
     sol_ns = {"__name__": "__solution__", "__builtins__": builtins}
@@ -205,16 +206,17 @@ def _main():
         exec_(compile_(sol_src, "solution.py", "exec"), sol_ns)
     except BaseException_:
         verdict(b"solution_error", static)
-    # Undo what the solution did to shared modules: modules it added (possibly fakes) are
-    # forgotten so the tests import genuine ones, replaced entries and attributes are restored.
-    for k in [k for k in sys.modules if k not in modules]:
-        del sys.modules[k]
-    sys.modules.update(modules)
+    # Undo what the solution did to shared modules: overwritten attributes (sys.modules itself
+    # included) are restored, modules it added (possibly fakes) are forgotten so the tests import
+    # genuine ones, and replaced entries are put back.
     for k, saved in module_dicts.items():
         d = modules[k].__dict__
         for attr, value in saved.items():
             if d.get(attr, d) is not value:
                 d[attr] = value
+    for k in [k for k in real_modules if k not in modules]:
+        del real_modules[k]
+    real_modules.update(modules)
 
     tg = {"__name__": "__tests__", "__builtins__": dict(orig_builtins)}
     for k, v in sol_ns.items():  # helpers the tests may use (e.g. a paired encode/decode)
@@ -249,10 +251,10 @@ _main()
 
 
 # Runs inside the sandbox as main.py for io_cases rows: each case in a fresh fork of this
-# pristine process (no interpreter start-up per case), stdin from a file, stdout to a file.
-# Nothing here is secret: the expected outputs never enter the sandbox.
+# pristine process (no interpreter start-up per case), stdin from case<i>.in, stdout to a file.
+# Nothing here is secret: the expected outputs never enter the sandbox.  Lean imports on purpose.
 _IO_HARNESS = r'''
-import atexit, base64, builtins, io, json, os, signal, sys, time, traceback
+import atexit, binascii, builtins, io, os, signal, sys, time
 
 def run_case(code, stdin_path, stdout_path):
     os.setpgid(0, 0)
@@ -273,6 +275,7 @@ def run_case(code, stdin_path, stdout_path):
         if not isinstance(e.code, (int, type(None))):
             print(e.code, file=sys.stderr)
     except BaseException:
+        import traceback
         traceback.print_exc()
         status = 1
     # What the interpreter does at exit: wait for threads, run atexit, flush.
@@ -288,29 +291,24 @@ def run_case(code, stdin_path, stdout_path):
 
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
-    with open(os.path.join(here, "cases.json"), encoding="utf-8") as f:
-        cases = json.load(f)
-    timeout, cap = float(sys.argv[1]), int(sys.argv[2])
+    n, timeout, cap = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
     with open(os.path.join(here, "solution.py"), encoding="utf-8") as f:
         source = f.read()
-    results = []
     try:
         code = compile(source, "solution.py", "exec")
     except BaseException:
+        import traceback
         traceback.print_exc()
         code = None
-    for i, stdin in enumerate(cases):
+    lines = []
+    for i in range(n):
         if code is None:
-            results.append({"status": "error", "exit": 1, "stdout": "", "truncated": False})
+            lines.append("error 1 0 ")
             continue
-        in_path, out_path = f".case{i}.in", f".case{i}.out"
-        with open(in_path, "w", encoding="utf-8") as f:
-            f.write(stdin)
-        sys.stdout.flush()
-        sys.stderr.flush()
+        out_path = f".case{i}.out"
         pid = os.fork()
         if pid == 0:
-            run_case(code, in_path, out_path)
+            run_case(code, os.path.join(here, f"case{i}.in"), out_path)
         try:
             os.setpgid(pid, pid)  # also done by the child: no window where the group is unknown
         except OSError:
@@ -331,26 +329,21 @@ def main():
             pass
         if status is None:
             os.waitpid(pid, 0)
-            entry = {"status": "timeout", "exit": None}
+            kind, code_ = "timeout", -1
         elif os.WIFSIGNALED(status):
-            entry = {"status": "killed", "exit": -os.WTERMSIG(status)}
+            kind, code_ = "killed", -os.WTERMSIG(status)
         else:
             code_ = os.WEXITSTATUS(status)
-            entry = {"status": "ok" if code_ == 0 else "error", "exit": code_}
+            kind = "ok" if code_ == 0 else "error"
         try:
             with open(out_path, "rb") as f:
                 out = f.read(cap + 1)
+            os.unlink(out_path)
         except OSError:
             out = b""
-        entry["truncated"] = len(out) > cap
-        entry["stdout"] = base64.b64encode(out[:cap]).decode()
-        results.append(entry)
-        for p in (in_path, out_path):
-            try:
-                os.unlink(p)
-            except OSError:
-                pass
-    sys.stdout.write("\n" + json.dumps(results) + "\n")
+        b64 = binascii.b2a_base64(out[:cap], newline=False).decode()
+        lines.append(f"{kind} {code_} {int(len(out) > cap)} {b64}")
+    sys.stdout.write(f"\nIO-RESULTS {n}\n" + "\n".join(lines) + "\n")
     sys.stdout.flush()
 
 main()
@@ -429,7 +422,8 @@ def _run_tests(code, tests, entry_point, mode, plain_returns, limits) -> CodeSco
     )
     v = _verdict(result, nonce)
     if v is None:
-        why = f"no harness report ({result.status}: {result.reason or 'exit'})"
+        why = ("harness tampering detected" if result.exit_code == 3 else
+               f"no harness report ({result.status}: {result.reason or 'exit'})")
         return CodeScore(0.0, why, results=(result,))
     state, passed, failed, total = v
     if mode == "all":
@@ -439,43 +433,50 @@ def _run_tests(code, tests, entry_point, mode, plain_returns, limits) -> CodeSco
     return CodeScore(score, state, passed, total, (result,))
 
 
+def _io_report(stdout: str, n: int) -> list[tuple[str, bool, str]] | None:
+    """(status, truncated, stdout) per case from the io harness's last report, if well formed."""
+    lines = stdout.split("\n")
+    for k in range(len(lines) - 1, -1, -1):
+        if lines[k] != f"IO-RESULTS {n}" or len(lines) < k + 1 + n:
+            continue
+        out = []
+        for line in lines[k + 1 : k + 1 + n]:
+            parts = line.split(" ")
+            if len(parts) != 4:
+                return None
+            try:
+                text = base64.b64decode(parts[3], validate=True).decode("utf-8", "replace")
+            except ValueError:
+                return None
+            out.append((parts[0], parts[2] == "1", text))
+        return out
+    return None
+
+
 def _run_io(code, cases, mode, limits) -> CodeScore:
     """All cases of one row in one sandbox; stdout is compared here, outside it."""
     per_case = limits["timeout_s"]
     cap = max(max(1 << 16, 2 * len(str(c.get("stdout") or "")) + 1024) for c in cases)
+    inputs = {f"case{i}.in": str(c.get("stdin") or "") for i, c in enumerate(cases)}
     result = run_python(
         _IO_HARNESS,
-        files={"solution.py": code, "cases.json": json.dumps([str(c.get("stdin") or "") for c in cases])},
-        args=(repr(per_case), str(cap)),
+        files={"solution.py": code, **inputs},
+        args=(str(len(cases)), repr(per_case), str(cap)),
         timeout_s=per_case * len(cases) + 1.0,
         cpu_s=per_case,
         memory_mb=limits["memory_mb"],
-        max_output_bytes=len(cases) * (cap * 4 // 3 + 256) + (1 << 16),
+        max_output_bytes=len(cases) * (cap * 4 // 3 + 64) + (1 << 16),
     )
-    entries = None
-    for line in reversed(result.stdout.splitlines()):
-        if line.startswith("["):
-            try:
-                parsed = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(parsed, list) and len(parsed) == len(cases) and all(isinstance(e, dict) for e in parsed):
-                entries = parsed
-                break
-    if entries is None:
+    report = _io_report(result.stdout, len(cases))
+    if report is None:
         return CodeScore(0.0, f"no io harness report ({result.status}: {result.reason or 'exit'})",
                          0, len(cases), (result,))
     passed, first_bad = 0, None
-    for case, entry in zip(cases, entries):
-        try:
-            out = base64.b64decode(str(entry.get("stdout", ""))).decode("utf-8", "replace")
-        except ValueError:
-            out = None
-        good = (entry.get("status") == "ok" and not entry.get("truncated") and out is not None
-                and _normalise(out) == _normalise(str(case.get("stdout") or "")))
+    for case, (status, truncated, out) in zip(cases, report):
+        good = status == "ok" and not truncated and _normalise(out) == _normalise(str(case.get("stdout") or ""))
         passed += good
         if not good and first_bad is None:
-            first_bad = entry.get("status") if entry.get("status") != "ok" else "wrong output"
+            first_bad = status if status != "ok" else "wrong output"
     total = len(cases)
     score = (1.0 if passed == total else 0.0) if mode == "all" else passed / total
     detail = "all cases passed" if passed == total else f"case failed ({first_bad})"

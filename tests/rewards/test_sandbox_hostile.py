@@ -458,3 +458,14 @@ def test_weaker_backends_still_bound_time_and_score_zero(backend, env):
         assert not env.leftovers(), (name, env.leftovers())
     r = run_python("print(6 * 7)", timeout_s=5, backend=backend)
     assert (r.status, r.stdout) == ("ok", "42\n")
+
+
+def test_tampering_is_named_in_the_detail():
+    from rewards.code import score_code
+
+    prog = PROGRAMS["frame_walk_counters"].replace("@EP@", "add")
+    r = score_code(f"```python\n{prog}\n```", "assert add(1, 2) == 3", "add", timeout_s=5)
+    assert (r.score, r.detail) == (0.0, "harness tampering detected")
+    prog = "import sys\nsys.modules = {}\ndef add(a, b):\n    return a + b\n"
+    r = score_code(prog, "import math\nassert add(1, 2) == 3\nassert math.isclose(add(0.5, 0.25), 0.75)", "add")
+    assert (r.score, r.detail) == (1.0, "done")  # replacing sys.modules is undone, not fatal
