@@ -30,16 +30,19 @@ def run_groups(engine, groups: list[PromptGroup], sampling: Sampling, worker: st
     records = []
     for g, res in zip(groups, results, strict=True):
         comps = [Completion(list(o.token_ids), [float(x) for x in o.logprobs], o.finish_reason,
-                            _routing(o)) for o in res.outputs]
+                            _routing(o, len(g.prompt_ids))) for o in res.outputs]
         records.append(RolloutRecord(g.group_id, list(g.prompt_ids), comps, engine.version, worker))
     return records
 
 
-def _routing(output) -> torch.Tensor | None:
+def _routing(output, prompt_len: int) -> torch.Tensor | None:
+    """Experts chosen for the tokens read while generating: the last prompt token and the completion."""
     routing = getattr(output, "routing", None)
     if routing is None:
         return None
-    return torch.as_tensor(routing).to(torch.int16)  # (T, n_moe_layers, top_k)
+    # The engine records every token it read: (P + T - 1, n_moe_layers, top_k); the shared prompt would
+    # otherwise be counted n times.
+    return torch.as_tensor(routing)[prompt_len - 1:].to(torch.int16)  # (T, n_moe_layers, top_k)
 
 
 def policy_state_dict(model) -> dict[str, torch.Tensor]:

@@ -41,7 +41,8 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 from rewards import as_text
 from rewards.sandbox import ExecResult, run_python

@@ -10,7 +10,8 @@ Rows with none of those columns get ``None``.
 from __future__ import annotations
 
 import re
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 from rewards import as_text
 from rewards.math import boxed_spans

@@ -32,7 +32,8 @@ import tempfile
 import threading
 import time
 from fractions import Fraction
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 from rewards import as_text
 
@@ -234,7 +235,7 @@ class _Worker:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         self.errors = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
-            [sys.executable, "-I", "-c", _BOOT, root, str(memory_mb)],
+            [sys.executable, "-I", "-W", "ignore", "-c", _BOOT, root, str(memory_mb)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors,
             start_new_session=True,  # Ctrl-C in the trainer's terminal is ours to handle, not theirs
         )

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import inspect
 import os
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from rewards.code import MODES, code_tests
 from rewards.format import format_reward

@@ -125,7 +125,7 @@ def _world_accessible(path: str) -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _interpreter(unprivileged: bool) -> str:
     """The real interpreter binary to run sandboxed code with (outside any venv).
 
@@ -153,7 +153,7 @@ def _prefixes(exe: str) -> list[str]:
     return sorted(p for p in found if p != "/usr" and not p.startswith("/usr/"))
 
 
-def _bwrap_prefix(src: str, limits: "_Limits", python: str, drop_uid: bool) -> list[str]:
+def _bwrap_prefix(src: str, limits: _Limits, python: str, drop_uid: bool) -> list[str]:
     bwrap = shutil.which("bwrap") or "bwrap"
     # As root, bwrap itself runs under a fresh unprivileged uid: the kernel never applies
     # RLIMIT_NPROC to host root, even inside a user namespace.
@@ -196,7 +196,7 @@ def _bwrap_prefix(src: str, limits: "_Limits", python: str, drop_uid: bool) -> l
     return argv
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _bwrap_supports_disable_userns() -> bool:
     try:
         out = subprocess.run(["bwrap", "--help"], capture_output=True, text=True, timeout=10)
@@ -235,7 +235,7 @@ def _ok_cmd(python: str) -> list[str]:
     return [python, "-I", "-S", "-c", "print('ok')"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def detect_isolation(backend: str | None = None) -> Isolation:
     """The isolation ``run_python`` applies here (probed once per process, then cached).
 
@@ -302,7 +302,7 @@ def detect_isolation(backend: str | None = None) -> Isolation:
                      python=unpriv_python or own_python, note="; ".join([note] + reasons))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _warn_once(iso: Isolation) -> None:
     if iso.backend != "bwrap":
         log.warning("code sandbox is weaker than bubblewrap (%s): %s", iso.backend, iso.note)
@@ -330,7 +330,7 @@ class _Limits:
     max_output_bytes: int
 
     @staticmethod
-    def default() -> "_Limits":
+    def default() -> _Limits:
         return _Limits(10.0, 11, 512 << 20, 16 << 20, 64 << 20, 16 << 20, 32, 1 << 20)
 
     def prlimit_argv(self) -> list[str]:
