@@ -30,7 +30,8 @@ from align.model import load_tokenizer
 from align.recipe import DataSource, EvalSection, ModelSection, PeftSection
 from align.rollout import ColocatedRollout, policy_state_dict
 from align.sft import check_world_size, lora_config
-from align.stage import install_final, last_checkpoint, lineage, prepare_output_dir, write_json
+from align.stage import (install_final, last_checkpoint, lineage, prepare_output_dir, throughput_metrics,
+                         write_json)
 from ray_jobs.records import PromptGroup, Sampling
 
 log = logging.getLogger(__name__)
@@ -303,6 +304,8 @@ class GRPORun:
             log.info("resuming from %s", ckpt)
         result = self.trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
         return {"train_loss": result.training_loss, "global_step": result.global_step,
+                **throughput_metrics(self.trainer.state.log_history, result.metrics.get("train_runtime", 0.0),
+                                     self.state.num_processes),
                 **{k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}}
 
     def save(self) -> None:

@@ -25,7 +25,8 @@ from align.data import load_rows, to_messages
 from align.metrics import heldout_math, write_metrics
 from align.model import count_parameters, load_tokenizer
 from align.checkpoint import DTYPES, load_base, load_trained
-from align.stage import install_final, last_checkpoint, lineage, prepare_output_dir, write_json
+from align.stage import (install_final, last_checkpoint, lineage, prepare_output_dir, throughput_metrics,
+                         write_json)
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,8 @@ class SFTRun:
             log.info("resuming from %s", ckpt)
         result = self.trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
         metrics = {"train_loss": result.training_loss, "global_step": result.global_step,
+                   **throughput_metrics(self.trainer.state.log_history, result.metrics.get("train_runtime", 0.0),
+                                        self.state.num_processes),
                    **{k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}}
         if self.eval_ds is not None:
             metrics.update({k: v for k, v in self.trainer.evaluate().items() if isinstance(v, (int, float))})

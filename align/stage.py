@@ -61,3 +61,17 @@ def write_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
+
+
+def throughput_metrics(log_history: list[dict], runtime_s: float, world_size: int) -> dict:
+    """Tokens/s (per process) from TRL's ``num_tokens`` log and peak accelerator memory."""
+    import torch
+
+    tokens = max((h["num_tokens"] for h in log_history if "num_tokens" in h), default=None)
+    out = {}
+    if tokens and runtime_s:
+        out["train_tokens"] = tokens
+        out["train_tokens_per_second_per_process"] = tokens / runtime_s / world_size
+    if torch.cuda.is_available():
+        out["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out

@@ -86,11 +86,11 @@ _HARNESS = r'''
 import os, sys
 
 def _main():
-    import builtins, collections, importlib
+    import builtins, collections
     # Captured before any untrusted code runs.
     write, read, exit_, dup2, pipe, close = os.write, os.read, os._exit, os.dup2, os.pipe, os.close
     type_, id_, callable_, all_, len_, exec_, compile_ = type, id, callable, all, len, exec, compile
-    isinstance_, ModuleType, import_module = isinstance, type(os), importlib.import_module
+    isinstance_, ModuleType, import_ = isinstance, type(os), __import__
     BaseException_ = BaseException
 
     def random_fd(avoid):
@@ -225,7 +225,8 @@ def _main():
             continue
         if isinstance_(v, ModuleType):
             try:
-                v = import_module(v.__name__)  # a genuine copy, never the solution's object
+                import_(v.__name__)  # a genuine copy, never the solution's object
+                v = real_modules[v.__name__]
             except BaseException_:
                 continue
         tg[k] = v

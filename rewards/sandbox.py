@@ -157,7 +157,7 @@ def _bwrap_prefix(src: str, limits: _Limits, python: str, drop_uid: bool) -> lis
     bwrap = shutil.which("bwrap") or "bwrap"
     # As root, bwrap itself runs under a fresh unprivileged uid: the kernel never applies
     # RLIMIT_NPROC to host root, even inside a user namespace.
-    argv = _uid_drop_argv(_random_uid()) if drop_uid else []
+    argv = _uid_drop_argv(_random_uid()) if drop_uid else _guard_argv()
     argv += [
         bwrap,
         "--unshare-all",  # net, pid, ipc, uts, cgroup (+ user-try)
@@ -206,8 +206,17 @@ def _bwrap_supports_disable_userns() -> bool:
 
 
 def _uid_drop_argv(uid: int) -> list[str]:
+    # --pdeathsig: if this process dies (even by SIGKILL), the sandbox goes with it.  It is set
+    # after the uid change, which would otherwise clear it.
     setpriv = shutil.which("setpriv") or "setpriv"
-    return [setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs", "--"]
+    return [setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs",
+            "--pdeathsig", "KILL", "--"]
+
+
+def _guard_argv() -> list[str]:
+    """Tie the sandbox's outermost process to this one (see ``_uid_drop_argv``)."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "KILL", "--"] if setpriv else []
 
 
 def _unshare_prefix() -> list[str]:
@@ -277,7 +286,7 @@ def detect_isolation(backend: str | None = None) -> Isolation:
             reasons.append("unshare (util-linux) not installed")
         else:
             for drop, python in attempts:
-                why = _probe(_unshare_prefix() + (_uid_drop_argv(_random_uid()) if drop else [])
+                why = _probe(_guard_argv() + _unshare_prefix() + (_uid_drop_argv(_random_uid()) if drop else [])
                              + _ok_cmd(python))
                 if not why:
                     if drop:
@@ -422,7 +431,7 @@ def _prepare(host_tmp, code, files, args, limits, iso):
         return argv, _base_env(_WORK_IN_SANDBOX), "/"
     work = os.path.join(host_tmp, "work")
     os.mkdir(work)
-    argv = _unshare_prefix() if iso.backend == "unshare" else []
+    argv = _guard_argv() + (_unshare_prefix() if iso.backend == "unshare" else [])
     if iso.separate_uid:
         uid = _random_uid()
         os.chown(work, uid, uid)

@@ -231,3 +231,19 @@ def test_called_the_way_trl_calls_it():
         log_extra=lambda column, values: None, log_metric=logged.__setitem__, timeout_s=1.0)
     assert scores == [0.0]
     assert logged == {"code_tests/timeout_frac": 1.0}
+
+
+def test_tests_may_use_the_solutions_imports_and_helpers():
+    sol = ("import math as m\nimport os.path\n\n"
+           "def helper(x):\n    return x * 2\n\n"
+           "def f(x):\n    return m.sqrt(helper(x))\n")
+    tests = "assert f(8) == m.sqrt(16)\nassert helper(2) == 4\nassert os.path.join('a', 'b') == 'a/b'\n"
+    r = score_code(sol, tests, "f")
+    assert (r.score, r.detail, r.passed) == (1.0, "done", 3)
+
+
+def test_collections_results_are_accepted():
+    sol = ("from collections import Counter, OrderedDict, deque\n"
+           "def f(s):\n    return Counter(s), deque([1]), OrderedDict(a=1)\n")
+    tests = "from collections import deque\nassert f('aab') == ({'a': 2, 'b': 1}, deque([1]), {'a': 1})\n"
+    assert score_code(sol, tests, "f").score == 1.0

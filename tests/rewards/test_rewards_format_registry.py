@@ -65,7 +65,8 @@ def test_format_reward_picks_math_or_code_per_row():
 
 
 def test_as_text_forms():
-    assert as_text([{"role": "assistant", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]) == "ab"
+    parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    assert as_text([{"role": "assistant", "content": parts}]) == "ab"
     with pytest.raises(TypeError):
         as_text(3)
 

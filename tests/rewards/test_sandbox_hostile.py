@@ -469,3 +469,29 @@ def test_tampering_is_named_in_the_detail():
     prog = "import sys\nsys.modules = {}\ndef add(a, b):\n    return a + b\n"
     r = score_code(prog, "import math\nassert add(1, 2) == 3\nassert math.isclose(add(0.5, 0.25), 0.75)", "add")
     assert (r.score, r.detail) == (1.0, "done")  # replacing sys.modules is undone, not fatal
+
+
+def test_sandbox_dies_with_the_process_that_started_it(tmp_path):
+    """SIGKILL the scoring process mid-run: the sandboxed sleeper must not outlive it."""
+    import subprocess
+    import sys
+
+    mark = "orphan" + uuid.uuid4().hex[:12]
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "from rewards.sandbox import run_python\n"
+        f"run_python('import time\\ntime.sleep(60)', timeout_s=60, args=({mark!r},))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script, str(ROOT)])
+    env = Env.__new__(Env)
+    env.mark = mark
+    deadline = time.monotonic() + 30
+    while not env.leftovers() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert env.leftovers(), "sandbox never started"
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 5
+    while env.leftovers() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not env.leftovers()
