@@ -28,7 +28,10 @@ def sample(model, tokenizer, prompts: list[str], n: int, temperature: float, max
     if backend == "engine":
         from align.engine import Engine, SamplingParams
 
-        engine = engine or Engine.from_model(model)
+        if engine is None:
+            device = "cuda" if torch.cuda.is_available() else None
+            dtype = torch.bfloat16 if device == "cuda" and model.dtype == torch.float32 else None
+            engine = Engine.from_model(model, device=device, dtype=dtype)
         params = SamplingParams(n=n, temperature=temperature, max_tokens=max_new_tokens, seed=seed,
                                 stop_token_ids=[tokenizer.eos_token_id])
         results = engine.generate(ids, params)

@@ -55,6 +55,9 @@ class RolloutSection:
     max_num_seqs: int = dataclasses.field(default=256, metadata={"help": "engine: sequences decoded together"})
     return_routing: bool = dataclasses.field(default=True, metadata={"help": "record routed experts (expert load)"})
     device: str | None = dataclasses.field(default=None, metadata={"help": "engine device; default: cuda if any"})
+    dtype: Literal["float32", "bfloat16", "float16"] | None = dataclasses.field(
+        default=None, metadata={"help": "engine dtype; default: the policy's (bf16 rollouts from fp32 masters work; "
+                                        "keep importance-sampling correction on)"})
 
 
 @dataclasses.dataclass
@@ -290,6 +293,8 @@ class GRPORun:
         opts = {"max_num_seqs": r.rollout.max_num_seqs}
         if r.rollout.device:
             opts["device"] = r.rollout.device
+        if r.rollout.dtype:
+            opts["dtype"] = DTYPES[r.rollout.dtype]
         if r.rollout.mode == "colocated":
             return ColocatedRollout(model, opts)
         from ray_jobs.pool import RolloutPool, init_ray

@@ -26,7 +26,7 @@ class RolloutWorker:
     """Holds one ``align.engine.Engine``; the model is built from a config and filled by ``load_weights``."""
 
     def __init__(self, config_dict: dict, engine_options: dict, name: str, num_threads: int | None = None):
-        from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+        from transformers import DeepseekV2Config
 
         from align.engine import Engine
 
@@ -34,11 +34,13 @@ class RolloutWorker:
             torch.set_num_threads(num_threads)
         self.name = name
         config = DeepseekV2Config.from_dict(config_dict)
-        device = engine_options.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
-        with torch.device(device):
-            model = DeepseekV2ForCausalLM(config)
-        self.engine = Engine.from_model(model, **engine_options)
-        del model
+        opts = dict(engine_options)
+        device = opts.pop("device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = opts.pop("dtype", None) or config.dtype or torch.float32
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        # Weights are allocated, not initialised: the pool loads the policy before any rollout.
+        self.engine = Engine.from_config(config, device=device, dtype=dtype, **opts)
+        self.engine.version = -1
 
     def pid(self) -> int:
         return os.getpid()
