@@ -253,6 +253,7 @@ class GRPORun:
     def __init__(self, loaded: recipes.Loaded, resume: bool = False):
         self.loaded, self.recipe, self.resume = loaded, loaded.recipe, resume
         self.out = Path(self.recipe.output_dir)
+        self.backend = None
         self.timers = Timers()
         from rewards.registry import combine
 

@@ -4,7 +4,7 @@
 # GRPO in colocated mode on one GPU from the first SFT.
 #   bash bench/gpu_stages.sh
 set -u
-O=${OUT:-/tmp/gpu_out}; W=/tmp/gpu_work; mkdir -p "$O" "$W"
+O=${OUT:-/tmp/gpu_out}; W=/tmp/gpu_work_$(date +%s); mkdir -p "$O" "$W"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD

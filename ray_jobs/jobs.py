@@ -66,8 +66,27 @@ def resolve_address(address: str) -> str:
                         "pass the dashboard URL instead, e.g. --address http://<head>:8265") from None
 
 
+def is_local_cluster(conn: Connection) -> bool:
+    """True when every node of the cluster is this machine, so a local folder is where the driver writes.
+
+    The address alone cannot tell: http://127.0.0.1:8265 may be an SSH tunnel (`ray dashboard cluster.yaml`) to a
+    head elsewhere, and a head here may have worker nodes elsewhere that a placed driver can land on.
+    """
+    import socket
+
+    import requests
+
+    try:
+        r = requests.get(f"{conn.url}/nodes?view=summary", headers=conn.headers, timeout=10)
+        nodes = r.json()["data"]["summary"]
+        hostnames = {n.get("hostname") for n in nodes}
+    except Exception:  # an older or trimmed dashboard: fall back to the address
+        return is_local_address(conn.url)
+    return bool(hostnames) and hostnames == {socket.gethostname()}
+
+
 def is_local_address(url: str) -> bool:
-    """True when the dashboard runs on this machine, so a local folder is visible to the job's driver."""
+    """True when the URL's host is this machine (loopback, or one of its own addresses)."""
     import ipaddress
     import socket
     from urllib.parse import urlparse
@@ -89,7 +108,7 @@ def is_local_address(url: str) -> bool:
 
 
 def find_token() -> tuple[str, str] | None:
-    """The token Ray itself would use, and where it came from: $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token."""
+    """The token Ray itself would use and where it came from ($RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, default file)."""
     token = os.environ.get(TOKEN_ENV, "").strip()
     if token:
         return token, f"${TOKEN_ENV}"
@@ -145,6 +164,7 @@ class Connection:
     url: str
     client: object        # ray.job_submission.JobSubmissionClient
     token_source: str | None
+    headers: dict         # what every request carries (the token, when the cluster asks for one)
 
     @property
     def server_ray_version(self) -> str | None:
@@ -164,7 +184,7 @@ def connect(address: str | None) -> Connection:
 
     with _without_address_env():
         client = call(lambda: JobSubmissionClient(url, headers=headers), url, source)
-    return Connection(url, client, source)
+    return Connection(url, client, source, headers)
 
 
 def call(fn, url: str, token_source: str | None, job_id: str | None = None):
@@ -177,7 +197,8 @@ def call(fn, url: str, token_source: str | None, job_id: str | None = None):
     except AuthenticationError:
         if token_source:
             raise JobsError(f"the Ray cluster at {url} rejected the token from {token_source}; it belongs to another "
-                            f"cluster or is stale (on the head node, `ray get-auth-token` prints the right one)") from None
+                            "cluster or is stale (on the head node, `ray get-auth-token` prints the right one)"
+                            ) from None
         raise JobsError(missing_token_message(url)) from None
     except (requests.exceptions.ConnectionError, ConnectionError):
         raise JobsError(f"lost the connection to the Ray cluster at {url} (is the head still running?)") from None

@@ -8,7 +8,6 @@ finished folder with fsspec at the end, whatever the exit status, so a failed ru
 
 from __future__ import annotations
 
-import os
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -83,8 +82,3 @@ def upload(source: str | Path, dest: str, remove_source: bool = True) -> int:
         shutil.rmtree(source)
     return n
 
-
-def describe(storage: Storage) -> str:
-    if storage.is_uri:
-        return f"{storage.root} (the stage writes under {STAGING_ROOT}/ on the driver's node, then copies)"
-    return storage.root + ("" if os.path.isdir(storage.root) else " (will be created)")

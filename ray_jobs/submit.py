@@ -89,6 +89,10 @@ def configure_parser(parser, command: str) -> None:
                         help=f"runtime env to start from (default: {RUNTIME_ENV_FILE.name} next to this module)")
     parser.add_argument("--working-dir", type=Path, default=Path("."),
                         help="folder to upload; recipe paths are relative to it (default: current folder)")
+    parser.add_argument("--accelerate-config", type=Path, metavar="YAML",
+                        help="start the stage with `accelerate launch --config_file YAML` (e.g. "
+                        "recipes/accelerate/fsdp2.yaml) for a multi-GPU learner; reserve its GPUs with "
+                        "--entrypoint-num-gpus")
     parser.add_argument("--entrypoint-num-cpus", type=float, default=None,
                         help="CPUs reserved for the driver (the learner); Ray places it on a node that has them")
     parser.add_argument("--entrypoint-num-gpus", type=float, default=None,
@@ -226,7 +230,7 @@ def check_size(package: Path, working_dir: Path) -> None:
 @dataclasses.dataclass
 class Plan:
     stage: str
-    name: str
+    job_id: str
     entrypoint: str
     runtime_env: dict
     metadata: dict
@@ -246,7 +250,10 @@ def plan_submission(args, local_cluster: bool, tmp: Path) -> Plan:
     if not working_dir.is_dir():
         raise JobsError(f"--working-dir {working_dir}: not a folder")
     config = Path(args.config).expanduser().absolute()
+    accelerate_config = args.accelerate_config.expanduser().absolute() if args.accelerate_config else None
     runtime_env = _read_runtime_env(args.runtime_env.expanduser().absolute())
+    # A relative --storage means the folder the user is in, not the working folder.
+    storage = storage_mod.resolve(args.storage) if args.storage else None
     # Recipe paths are relative to the working folder, which is the job's current folder on the cluster.
     os.chdir(working_dir)
 
@@ -255,7 +262,8 @@ def plan_submission(args, local_cluster: bool, tmp: Path) -> Plan:
         raise JobsError("output_dir is chosen by `align submit` (--storage and --name), not by an override")
     if args.storage is None and not local_cluster:
         raise JobsError(
-            f"--storage is required for the cluster at {args.address_url}: it is not on this machine, and without a "
+            f"--storage is required for the cluster at {args.address_url}: not all of its nodes are this machine, "
+            "and without a "
             "shared storage path the run would be written to a temporary folder on whichever node runs the driver. "
             "Pass a folder mounted at the same path on every node (NFS, EFS, Lustre) or an fsspec URI "
             "(s3://bucket/runs, gs://bucket/runs)")
@@ -263,8 +271,10 @@ def plan_submission(args, local_cluster: bool, tmp: Path) -> Plan:
     stage = stage_for(config)
     if stage not in commands:
         raise JobsError(f"{args.config}: stage {stage!r} has no `align` command here")
-    storage = storage_mod.resolve(args.storage or str(working_dir / "outputs" / "ray"))
+    storage = storage or storage_mod.resolve(str(working_dir / "outputs" / "ray"))
     name = args.name or default_name(stage)
+    # Ray never reuses a submission id, so a resumed run is a new job writing into the old job's folder.
+    job_id = f"{name}-resume-{uuid.uuid4().hex[:6]}" if args.resume else name
     if args.resume and (not args.name or storage.is_uri):
         raise JobsError("--resume continues <storage>/<name>: it needs --name and a folder --storage "
                         "(a URI storage only receives finished folders)")
@@ -280,13 +290,24 @@ def plan_submission(args, local_cluster: bool, tmp: Path) -> Plan:
     extra: dict[str, Path] = {}
     with zipfile.ZipFile(package) as z:
         names = set(z.namelist())
-    try:
-        config_arg = config.relative_to(working_dir).as_posix()
-    except ValueError:
-        config_arg = None
-    if config_arg is None or config_arg not in names:
-        config_arg = f"{EXTRA_DIR}/{name}/{config.name}"
-        extra[config_arg] = config
+
+    def ship(path: Path) -> str:
+        """The file's path inside the upload, adding it when the working folder's zip does not hold it."""
+        try:
+            rel = path.relative_to(working_dir).as_posix()
+        except ValueError:
+            rel = None
+        if rel is None or rel not in names:
+            rel = f"{EXTRA_DIR}/{job_id}/{path.name}"
+            extra[rel] = path
+        return rel
+
+    config_arg = ship(config)
+    launcher = ["align"]
+    if args.accelerate_config:
+        if not accelerate_config.is_file():
+            raise JobsError(f"--accelerate-config {args.accelerate_config}: file not found")
+        launcher = ["accelerate", "launch", "--config_file", ship(accelerate_config), "-m", "align"]
 
     def uploaded(rel: str) -> bool:
         rel = Path(os.path.normpath(rel)).as_posix()
@@ -316,7 +337,9 @@ def plan_submission(args, local_cluster: bool, tmp: Path) -> Plan:
         # The job runs inside the cluster: join it (Ray sets RAY_ADDRESS for the driver) instead of starting a
         # private Ray with no access to the cluster's nodes.
         extra_overrides.append("ray.address=auto")
-    final_overrides = overrides + extra_overrides
+    # A key set here replaces the user's override of it rather than following it, so the entrypoint reads plainly.
+    mine = _override_keys(extra_overrides)
+    final_overrides = [o for o in overrides if o.partition("=")[0].strip() not in mine] + extra_overrides
     # Second pass with everything the job will see, so the sha256 recorded here is the one its lock will hold.
     loaded = recipes.load(stage, config, final_overrides, allow_drift=args.allow_drift, check_files=local_cluster)
 
@@ -325,7 +348,7 @@ def plan_submission(args, local_cluster: bool, tmp: Path) -> Plan:
     with zipfile.ZipFile(package) as z:
         n_files = sum(1 for i in z.infolist() if not i.is_dir())
 
-    cmd = ["align", commands[stage], "--config", config_arg, *final_overrides]
+    cmd = [*launcher, commands[stage], "--config", config_arg, *final_overrides]
     if args.resume:
         cmd.append("--resume")
     if args.allow_drift:
@@ -355,7 +378,7 @@ def plan_submission(args, local_cluster: bool, tmp: Path) -> Plan:
         # The upload has no .git, so the job's lock cannot name the commit; the submitter's checkout can.
         "align_git_commit": recipes.git_commit() or "",
     }
-    return Plan(stage, name, entrypoint, runtime_env, metadata, output, loaded.sha256, package, n_files)
+    return Plan(stage, job_id, entrypoint, runtime_env, metadata, output, loaded.sha256, package, n_files)
 
 
 def pip_pins() -> list[str]:
@@ -379,7 +402,7 @@ def submit(args) -> int:
     if not args.dry_run:
         conn = jobs_mod.connect(address)  # an unreachable cluster or a missing token fails before any work
         args.address_url = conn.url
-        local = jobs_mod.is_local_address(conn.url)
+        local = jobs_mod.is_local_cluster(conn)
     else:
         local = jobs_mod.is_local_address(address if "://" in address else f"http://{address}")
     cwd = os.getcwd()
@@ -393,7 +416,7 @@ def submit(args) -> int:
               f"{plan.package_files} files ({size / 2**20:.2f} MiB)", file=sys.stderr)
         if args.dry_run:
             shown = {**plan.runtime_env, "working_dir": f"<zip of {args.working_dir.resolve()}>"}
-            print(json.dumps({"submission_id": plan.name, "entrypoint": plan.entrypoint, "output": plan.output,
+            print(json.dumps({"submission_id": plan.job_id, "entrypoint": plan.entrypoint, "output": plan.output,
                               "runtime_env": shown, "metadata": plan.metadata}, indent=2))
             return 0
         if conn.server_ray_version and conn.server_ray_version != _ray_version():
@@ -403,7 +426,7 @@ def submit(args) -> int:
                                     ("entrypoint_num_gpus", args.entrypoint_num_gpus),
                                     ("entrypoint_resources", args.entrypoint_resources)) if v is not None}
         job_id = jobs_mod.call(
-            lambda: conn.client.submit_job(entrypoint=plan.entrypoint, submission_id=plan.name,
+            lambda: conn.client.submit_job(entrypoint=plan.entrypoint, submission_id=plan.job_id,
                                            runtime_env=plan.runtime_env, metadata=plan.metadata, **kwargs),
             conn.url, conn.token_source)
     print(job_id, flush=True)

@@ -225,7 +225,7 @@ def _worker_main() -> None:
 # ------------------------------------------------------------------------------ parent side
 
 _BOOT = (
-    "import sys; sys.path.insert(0, sys.argv.pop(1)); "
+    "import os, sys; sys.path[:0] = sys.argv.pop(1).split(os.pathsep); "
     "from rewards.math import _worker_main; _worker_main()"
 )
 
@@ -233,9 +233,11 @@ _BOOT = (
 class _Worker:
     def __init__(self, memory_mb: int):
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        # -I drops PYTHONPATH, so hand the worker the parent's import path (packages installed with --target).
+        paths = os.pathsep.join([root, *(p for p in sys.path if p)])
         self.errors = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
-            [sys.executable, "-I", "-W", "ignore", "-c", _BOOT, root, str(memory_mb)],
+            [sys.executable, "-I", "-W", "ignore", "-c", _BOOT, paths, str(memory_mb)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors,
             start_new_session=True,  # Ctrl-C in the trainer's terminal is ours to handle, not theirs
         )

@@ -100,7 +100,7 @@ def test_local_addresses():
     from ray_jobs.jobs import is_local_address
 
     assert is_local_address("http://127.0.0.1:8265") and is_local_address("http://localhost:8265")
-    assert not is_local_address("http://192.0.2.123:8265")  # TEST-NET-1: never this machine
+    assert not is_local_address("http://203.0.113.77:8265")  # TEST-NET-3: documentation only, never a host
 
 
 def test_uri_storage_copy_keeps_layout_and_removes_staging(tmp_path):
@@ -288,7 +288,7 @@ def test_clear_errors(head, tmp_path):
     res = align("jobs", "list", "--address", url, env={**env, "RAY_AUTH_TOKEN": "not-the-token"})
     assert res.returncode == 1 and "rejected the token" in res.stderr
     # A remote cluster without storage is refused before anything is uploaded (dry run: nothing is contacted).
-    res = align("submit", "--dry-run", "--address", "http://192.0.2.123:8265", "--config", "recipes/tiny/grpo.yaml",
+    res = align("submit", "--dry-run", "--address", "http://203.0.113.77:8265", "--config", "recipes/tiny/grpo.yaml",
                 env=env)
     assert res.returncode == 1 and "--storage is required" in res.stderr
     # A bad recipe fails here, before the upload: no job appears on the cluster.
@@ -310,3 +310,45 @@ def test_failing_job_exits_nonzero_with_its_reason(head):
     tail = res.stderr.strip().splitlines()[-1]
     assert tail.startswith(f"align: job {job_id} FAILED: ") and "exit code 1" in tail, res.stderr[-2000:]
     assert "FAILED" in align("jobs", "status", job_id, "--address", url, env=env).stdout
+
+
+@pytest.mark.slow
+def test_dry_run_shows_what_would_run(tmp_path):
+    # A small working folder of its own: a recipe, the math data, and a checkpoint in the excluded outputs/.
+    work = tmp_path / "work"
+    shutil.copytree(ROOT / "data/math", work / "data/math")
+    shutil.copy(ROOT / "recipes/tiny/grpo.yaml", work / "grpo.yaml")
+    (work / "outputs/sft").mkdir(parents=True)
+    (work / "outputs/sft/config.json").write_text("{}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    common = ["submit", "--dry-run", "--working-dir", work, "--config", work / "grpo.yaml", "model.path=outputs/sft"]
+
+    # A cluster on this machine: the excluded checkpoint is passed by its absolute path, outputs go under the folder.
+    res = align(*common, "--address", "http://127.0.0.1:8265", env=env)
+    assert res.returncode == 0, res.stderr
+    plan = json.loads(res.stdout)
+    job = plan["submission_id"]
+    assert plan["output"] == f"{work}/outputs/ray/{job}"
+    assert plan["entrypoint"] == (f"align grpo --config grpo.yaml model.path={work}/outputs/sft "
+                                  f"output_dir={work}/outputs/ray/{job} ray.address=auto")
+    assert plan["runtime_env"]["env_vars"]["TOKENIZERS_PARALLELISM"] == "false" and "pip" not in plan["runtime_env"]
+
+    # A remote cluster cannot see outputs/ here: refused, naming the key.
+    res = align(*common, "--address", "http://203.0.113.77:8265", "--storage", "s3://bucket/runs", env=env)
+    assert res.returncode == 1 and "model.path: outputs/sft is not part of the upload" in res.stderr
+
+    # URI storage: check, run under a staging folder, copy; a multi-GPU learner through accelerate; pinned packages.
+    res = align("submit", "--dry-run", "--working-dir", work, "--config", work / "grpo.yaml", "--address",
+                "http://203.0.113.77:8265", "--storage", "s3://bucket/runs/", "--name", "g1", "--pip-pin",
+                "--accelerate-config", ROOT / "recipes/accelerate/ddp.yaml", "model.path=org/some-hub-model",
+                env=env)
+    assert res.returncode == 0, res.stderr
+    plan = json.loads(res.stdout)
+    assert plan["output"] == "s3://bucket/runs/g1"
+    assert plan["entrypoint"] == (
+        "align jobs upload --check /tmp/align-jobs/g1 s3://bucket/runs && { accelerate launch --config_file "
+        ".align-submit/g1/ddp.yaml -m align grpo --config grpo.yaml model.path=org/some-hub-model "
+        "output_dir=/tmp/align-jobs/g1 ray.address=auto; rc=$?; align jobs upload /tmp/align-jobs/g1 "
+        "s3://bucket/runs/g1 || rc=1; exit $rc; }")
+    pins = plan["runtime_env"]["pip"]["packages"]
+    assert any(p.startswith("trl==") for p in pins) and not any(p.startswith("align") for p in pins)
