@@ -265,6 +265,10 @@ def report_end(info, job_id: str) -> int:
         print(f"align: job {job_id} SUCCEEDED", file=sys.stderr)
         return 0
     print(f"align: job {job_id} {status}" + (f": {headline(info)}" if headline(info) else ""), file=sys.stderr)
+    if "exit code 127" in (info.message or ""):
+        print("align: exit code 127 is the shell's `command not found`: the cluster's nodes have no `align` on the "
+              "PATH Ray was started with; install the project there and start Ray from its environment "
+              "(see ray_jobs/cluster.yaml)", file=sys.stderr)
     return 1
 
 

@@ -104,17 +104,25 @@ def configure_parser(parser, command: str) -> None:
 
 
 def cli_main(args) -> int:
-    if not args.verbose and not (args.command == "jobs" and args.action == "upload"):
-        import ray  # noqa: F401  (importing ray configures its loggers; quieten them afterwards)
-
-        # Ray's SDK logs every packaging and websocket step at INFO, and its modules pin their own loggers to
-        # INFO, so the filter goes on the handler they all end in; the command prints what matters itself.
-        for handler in logging.getLogger("ray").handlers:
-            handler.setLevel(logging.WARNING)
+    if not (args.command == "jobs" and args.action == "upload"):  # the copy step runs on nodes, Ray or not
+        try:
+            import ray  # noqa: F401  (importing ray configures its loggers; quieten them afterwards)
+        except ModuleNotFoundError:
+            print("align: error: `align submit` and `align jobs` need Ray's job client: "
+                  "pip install -e '.[ray]' (ray[default])", file=sys.stderr)
+            return 1
+        if not args.verbose:
+            # Ray's SDK logs every packaging and websocket step at INFO, and its modules pin their own loggers to
+            # INFO, so the filter goes on the handler they all end in; the command prints what matters itself.
+            for handler in logging.getLogger("ray").handlers:
+                handler.setLevel(logging.WARNING)
     try:
         if args.command == "submit":
             return submit(args)
         return jobs_mod.main(args)
+    except KeyboardInterrupt:
+        print("\nalign: interrupted", file=sys.stderr)
+        return 130
     except JobsError as e:
         print(f"align: error: {e}", file=sys.stderr)
         return 1

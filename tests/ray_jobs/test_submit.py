@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytest.importorskip("ray.job_submission")
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
