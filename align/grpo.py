@@ -30,8 +30,7 @@ from align.model import load_tokenizer
 from align.recipe import DataSource, EvalSection, ModelSection, PeftSection
 from align.rollout import ColocatedRollout, policy_state_dict
 from align.sft import check_world_size, lora_config
-from align.stage import (install_final, last_checkpoint, lineage, prepare_output_dir, throughput_metrics,
-                         write_json)
+from align.stage import lineage, prepare_output_dir, save_final, train_or_resume
 from ray_jobs.records import PromptGroup, Sampling
 
 log = logging.getLogger(__name__)
@@ -305,24 +304,10 @@ class GRPORun:
                            timeout_s=r.rollout.timeout_s)
 
     def train(self) -> dict:
-        ckpt = last_checkpoint(self.out) if self.resume else None
-        if ckpt:
-            log.info("resuming from %s", ckpt)
-        result = self.trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-        return {"train_loss": result.training_loss, "global_step": result.global_step,
-                **throughput_metrics(self.trainer.state.log_history, result.metrics.get("train_runtime", 0.0),
-                                     self.state.num_processes),
-                **{k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}}
+        return train_or_resume(self.trainer, self.out, self.resume, self.state.num_processes)
 
     def save(self) -> None:
-        tmp = self.out / ".final.tmp"
-        self.trainer.save_model(str(tmp))
-        self.state.wait_for_everyone()
-        if self.state.is_main_process:
-            self.tokenizer.save_pretrained(str(tmp))
-            write_json(tmp / "log_history.json", {"log_history": self.trainer.state.log_history})
-            install_final(tmp, self.out)
-        self.state.wait_for_everyone()
+        save_final(self.trainer, self.tokenizer, self.out, self.state)
 
     def evaluate(self, train_metrics: dict) -> dict | None:
         if not self.state.is_main_process:

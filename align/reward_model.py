@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 from datasets import Dataset
+from tqdm.auto import tqdm
 
 from align import recipe as recipes
 from align.chat import prompt_messages
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 PAIRS_DIR = "pairs"
 # What the verifiers need from a row, kept with each pair so anyone can re-check its labels.
 VERIFIER_COLUMNS = ("answer", "tests", "entry_point", "io_cases")
+VERIFY_CHUNK = 256  # sandboxed executions per progress-bar step
 
 
 @dataclasses.dataclass
@@ -142,18 +144,19 @@ def verify(kind_rows: list[dict], texts: list[str], code_timeout_s: float) -> li
 
     labels: list[float | None] = [None] * len(texts)
     math_idx = [i for i, r in enumerate(kind_rows) if r["kind"] == "math"]
-    code_idx = [i for i, r in enumerate(kind_rows) if r["kind"] == "code"]
     if math_idx:
         scores = math_accuracy([texts[i] for i in math_idx], answer=[kind_rows[i]["answer"] for i in math_idx])
         for i, s in zip(math_idx, scores):
             labels[i] = s
-    if code_idx:
+    code_idx = [i for i, r in enumerate(kind_rows) if r["kind"] == "code"]
+    chunks = [code_idx[k:k + VERIFY_CHUNK] for k in range(0, len(code_idx), VERIFY_CHUNK)]
+    for chunk in tqdm(chunks, desc="code tests", unit="chunk", disable=len(chunks) < 2):
         # mode="all": a completion that fails any test is wrong; partial credit would blur the preference.
-        scores = code_tests([texts[i] for i in code_idx], tests=[kind_rows[i].get("tests") for i in code_idx],
-                            entry_point=[kind_rows[i].get("entry_point") for i in code_idx],
-                            io_cases=[kind_rows[i].get("io_cases") for i in code_idx],
+        scores = code_tests([texts[i] for i in chunk], tests=[kind_rows[i].get("tests") for i in chunk],
+                            entry_point=[kind_rows[i].get("entry_point") for i in chunk],
+                            io_cases=[kind_rows[i].get("io_cases") for i in chunk],
                             mode="all", timeout_s=code_timeout_s)
-        for i, s in zip(code_idx, scores):
+        for i, s in zip(chunk, scores):
             labels[i] = s
     return labels
 
@@ -181,12 +184,12 @@ def make_pairs(rows: list[dict], labelled: list[dict[str, float]], references_ok
     pairs: list[dict] = []
     stats = {"prompts": len(rows), "prompts_with_sampled_correct": 0, "prompts_all_correct": 0,
              "prompts_without_correct": 0, "pairs_from_samples": 0, "pairs_from_references": 0,
-             "samples_correct": 0, "samples_labelled": 0}
+             "distinct_samples_correct": 0, "distinct_samples_labelled": 0}
     for i, (row, labels) in enumerate(zip(rows, labelled)):
         correct = [t for t, s in labels.items() if s == 1.0]
         wrong = [t for t, s in labels.items() if s == 0.0]
-        stats["samples_correct"] += len(correct)
-        stats["samples_labelled"] += len(labels)
+        stats["distinct_samples_correct"] += len(correct)
+        stats["distinct_samples_labelled"] += len(labels)
         if correct:
             stats["prompts_with_sampled_correct"] += 1
         if not wrong:
@@ -253,16 +256,19 @@ def preference_dataset(pairs: list[dict]) -> Dataset:
     return Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
 
 
-def pairwise_accuracy(reward_fn, pairs: list[dict]) -> dict:
-    """Share of pairs whose chosen completion outscores the rejected one (ties count as misses)."""
+def pair_margins(reward_fn, pairs: list[dict]) -> list[float]:
+    """score(chosen) - score(rejected) for each pair."""
     if not pairs:
-        return {"accuracy": None, "mean_margin": None, "pairs": 0}
+        return []
     prompts = [p["prompt"] for p in pairs]
     chosen = reward_fn([p["chosen"] for p in pairs], prompts=prompts)
     rejected = reward_fn([p["rejected"] for p in pairs], prompts=prompts)
-    margins = [c - r for c, r in zip(chosen, rejected)]
-    return {"accuracy": sum(m > 0 for m in margins) / len(margins), "mean_margin": sum(margins) / len(margins),
-            "pairs": len(pairs)}
+    return [c - r for c, r in zip(chosen, rejected)]
+
+
+def pairwise_accuracy(margins: list[float]) -> float | None:
+    """Share of pairs whose chosen completion outscores the rejected one (ties count as misses)."""
+    return sum(m > 0 for m in margins) / len(margins) if margins else None
 
 
 # ---------------------------------------------------------------------------------------------------- the stage
@@ -332,9 +338,9 @@ class RMRun:
         del policy
         stats = {"train": train_stats, "heldout": heldout_stats}
         for name, s in stats.items():
-            log.info("%s pairs: %d (%d from samples, %d from references) over %d prompts; %d/%d samples correct",
-                     name, s["pairs"], s["pairs_from_samples"], s["pairs_from_references"], s["prompts"],
-                     s["samples_correct"], s["samples_labelled"])
+            log.info("%s pairs: %d (%d from samples, %d from references) over %d prompts; %d of %d distinct "
+                     "samples correct", name, s["pairs"], s["pairs_from_samples"], s["pairs_from_references"],
+                     s["prompts"], s["distinct_samples_correct"], s["distinct_samples_labelled"])
         tmp = self.out / ".pairs.tmp"
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -373,21 +379,28 @@ class RMRun:
 
         # Score with the saved folder through the same function GRPO uses, so the number describes what ships.
         reward_fn = load_reward_fn(self.out, batch_size=self.recipe.eval.batch_size)
-        heldout = pairwise_accuracy(reward_fn, self.heldout_pairs)
+        heldout = pair_margins(reward_fn, self.heldout_pairs)
         limit = self.recipe.eval.train_limit
-        train = pairwise_accuracy(reward_fn, self.train_pairs[:limit] if limit is not None else self.train_pairs)
+        train = pair_margins(reward_fn, self.train_pairs[:limit] if limit is not None else self.train_pairs)
+        # Reference-vs-sample pairs differ in style as well as correctness; sample-vs-sample pairs are the harder test.
+        by_source = {src: pairwise_accuracy([m for m, p in zip(heldout, self.heldout_pairs)
+                                             if p["chosen_source"] == src]) for src in ("sample", "reference")}
         counts = {f"{split}_{key}": self.pair_stats[split][key] for split in ("train", "heldout")
                   for key in ("pairs", "pairs_from_samples", "pairs_from_references", "prompts")}
         metrics = {**train_metrics, **counts,
-                   "heldout_pairwise_accuracy": heldout["accuracy"], "heldout_mean_margin": heldout["mean_margin"],
-                   "train_pairwise_accuracy": train["accuracy"], "train_pairwise_accuracy_pairs": train["pairs"],
+                   "heldout_pairwise_accuracy": pairwise_accuracy(heldout),
+                   "heldout_mean_margin": sum(heldout) / len(heldout) if heldout else None,
+                   "heldout_pairwise_accuracy_sampled_chosen": by_source["sample"],
+                   "heldout_pairwise_accuracy_reference_chosen": by_source["reference"],
+                   "train_pairwise_accuracy": pairwise_accuracy(train), "train_pairwise_accuracy_pairs": len(train),
                    "pair_stats": self.pair_stats, "recipe_sha256": self.loaded.sha256, "inherited": self.inherited,
                    "world_size": self.state.num_processes}
-        if heldout["accuracy"] is None:
+        if not heldout:
             log.warning("no held-out pairs could be made; heldout_pairwise_accuracy is null")
         else:
-            log.info("held-out pairwise accuracy %.3f over %d pairs (train %.3f)", heldout["accuracy"],
-                     heldout["pairs"], train["accuracy"])
+            log.info("held-out pairwise accuracy %.3f over %d pairs (sampled chosen: %s, reference chosen: %s); "
+                     "train %.3f", metrics["heldout_pairwise_accuracy"], len(heldout), by_source["sample"],
+                     by_source["reference"], metrics["train_pairwise_accuracy"])
         write_metrics(self.out, metrics)
         return metrics
 

@@ -25,8 +25,7 @@ from align.data import load_rows, to_messages
 from align.metrics import heldout_math, write_metrics
 from align.model import count_parameters, load_tokenizer
 from align.checkpoint import DTYPES, load_base, load_trained
-from align.stage import (install_final, last_checkpoint, lineage, prepare_output_dir, throughput_metrics,
-                         write_json)
+from align.stage import lineage, prepare_output_dir, save_final, train_or_resume
 
 log = logging.getLogger(__name__)
 
@@ -92,28 +91,14 @@ class SFTRun:
         self.trainer.add_callback(self.consistency)
 
     def train(self) -> dict:
-        ckpt = last_checkpoint(self.out) if self.resume else None
-        if ckpt:
-            log.info("resuming from %s", ckpt)
-        result = self.trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-        metrics = {"train_loss": result.training_loss, "global_step": result.global_step,
-                   **throughput_metrics(self.trainer.state.log_history, result.metrics.get("train_runtime", 0.0),
-                                        self.state.num_processes),
-                   **{k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}}
+        metrics = train_or_resume(self.trainer, self.out, self.resume, self.state.num_processes)
         if self.eval_ds is not None:
             metrics.update({k: v for k, v in self.trainer.evaluate().items() if isinstance(v, (int, float))})
             metrics["heldout_loss"] = metrics.get("eval_loss")
         return metrics
 
     def save(self) -> None:
-        tmp = self.out / ".final.tmp"
-        self.trainer.save_model(str(tmp))  # collective under FSDP; writes only on the main process
-        self.state.wait_for_everyone()
-        if self.state.is_main_process:
-            self.tokenizer.save_pretrained(str(tmp))
-            write_json(tmp / "log_history.json", {"log_history": self.trainer.state.log_history})
-            install_final(tmp, self.out)
-        self.state.wait_for_everyone()
+        save_final(self.trainer, self.tokenizer, self.out, self.state)
 
     def evaluate(self, train_metrics: dict) -> dict | None:
         if not self.state.is_main_process:

@@ -75,3 +75,26 @@ def throughput_metrics(log_history: list[dict], runtime_s: float, world_size: in
     if torch.cuda.is_available():
         out["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out
+
+
+def train_or_resume(trainer, out: Path, resume: bool, world_size: int) -> dict:
+    """Run the trainer (from the last ``checkpoint-N/`` when resuming); the stage's training metrics."""
+    ckpt = last_checkpoint(out) if resume else None
+    if ckpt:
+        log.info("resuming from %s", ckpt)
+    result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    return {"train_loss": result.training_loss, "global_step": result.global_step,
+            **throughput_metrics(trainer.state.log_history, result.metrics.get("train_runtime", 0.0), world_size),
+            **{k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}}
+
+
+def save_final(trainer, tokenizer, out: Path, state) -> None:
+    """Write the final model (or adapter), tokenizer and log history into ``out`` via a temp folder."""
+    tmp = out / ".final.tmp"
+    trainer.save_model(str(tmp))  # collective under FSDP; writes only on the main process
+    state.wait_for_everyone()
+    if state.is_main_process:
+        tokenizer.save_pretrained(str(tmp))
+        write_json(tmp / "log_history.json", {"log_history": trainer.state.log_history})
+        install_final(tmp, out)
+    state.wait_for_everyone()

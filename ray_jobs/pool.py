@@ -194,6 +194,14 @@ class RolloutPool:
 def check_resources(workers: int, num_cpus: float, num_gpus: float, wait_s: float) -> None:
     """Fail with a clear message instead of hanging when the cluster cannot place the workers."""
     need_cpu, need_gpu = workers * num_cpus, workers * num_gpus
+    try:
+        # An autoscaler adds nodes only for demand it sees; ask for the pool's bundles before waiting for them.
+        from ray.autoscaler.sdk import request_resources
+
+        bundle = {k: v for k, v in (("CPU", num_cpus), ("GPU", num_gpus)) if v}
+        request_resources(bundles=[bundle] * workers)
+    except Exception as e:  # a cluster without an autoscaler has nothing to ask
+        log.debug("no autoscaler request: %s", e)
     deadline = time.monotonic() + wait_s
     while True:
         total = ray.cluster_resources()

@@ -1,5 +1,7 @@
 """Learned reward models: verifier-labelled pairs, TRL RewardTrainer on a micro model, and the reward function."""
 
+import doctest
+import importlib
 import json
 import shutil
 from pathlib import Path
@@ -8,7 +10,7 @@ import pytest
 import yaml
 
 from align import recipe
-from align.reward_model import RMRecipe, check_recipe, make_pairs, split_rows  # noqa: F401  (registers "rm")
+from align.reward_model import check_recipe, make_pairs, split_rows  # importing registers the "rm" stage
 
 from .conftest import ROOT, micro_grpo, run_align, write_recipe
 
@@ -127,6 +129,10 @@ def test_pairs_prefer_verified_samples_then_references():
     assert pairs[0]["answer"] == "1" and pairs[0]["kind"] == "math"
 
 
+def test_doctests():
+    assert doctest.testmod(importlib.import_module("rewards.learned")).failed == 0
+
+
 def test_split_keeps_prompts_apart():
     rows = [{"kind": "math", "prompt": str(i)} for i in range(10)]
     train, heldout = split_rows(rows, 0.3)
@@ -206,10 +212,10 @@ def test_reward_fn_scores_and_ranks_overfit_training_pairs(micro_rm_dir, micro_s
 
 @pytest.mark.slow
 def test_learned_reward_in_registry_and_grpo_recipe(micro_rm_dir, micro_sft_dir, tmp_path, monkeypatch):
-    import align.grpo  # noqa: F401  (registers the "grpo" recipe)
     from rewards.registry import combine, get_reward
 
     monkeypatch.chdir(ROOT)
+    importlib.import_module("align.grpo")  # registers the "grpo" recipe
     fn = get_reward(f"learned:{micro_rm_dir}", batch_size=2)
     assert fn.__name__ == "learned_rm"
     raw = micro_grpo(tmp_path / "grpo", micro_sft_dir, mode="colocated")
