@@ -45,8 +45,9 @@ class RewardSpec:
 
 @dataclasses.dataclass
 class RolloutSection:
-    mode: Literal["ray", "colocated"] = dataclasses.field(
-        default="ray", metadata={"help": "Ray actor pool, or one engine in the trainer process"})
+    mode: Literal["ray", "colocated", "trl"] = dataclasses.field(
+        default="ray", metadata={"help": "Ray actor pool of engines; one engine in the trainer process; or TRL's "
+                                         "own `generate` (the baseline, no engine)"})
     workers: int = dataclasses.field(default=2, metadata={"help": "rollout actors (ray mode)"})
     num_cpus: float = dataclasses.field(default=1, metadata={"help": "CPUs per rollout actor"})
     num_gpus: float = dataclasses.field(default=0, metadata={"help": "GPUs per rollout actor"})
@@ -245,6 +246,14 @@ def make_trainer_class():
             self._last_loaded_step = self.state.global_step  # our rollout syncs the engines itself
             return super()._generate(prompts)
 
+        def _generate_single_turn(self, *args, **kwargs):
+            # TRL's own generation (rollout.mode: trl), timed like ours so the step split compares.
+            t0 = time.perf_counter()
+            try:
+                return super()._generate_single_turn(*args, **kwargs)
+            finally:
+                self.align_timers.add("generation", time.perf_counter() - t0)
+
     return AlignGRPOTrainer
 
 
@@ -274,15 +283,17 @@ class GRPORun:
             recipes.write_lock(self.loaded, self.out)
         self.inherited = lineage(r.model.path)
         model = load_base(dataclasses.asdict(r.model), self.tokenizer, r.seed, DTYPES[r.model.dtype])
-        self.backend = self._backend(model) if self.state.is_main_process else None
+        engine = r.rollout.mode != "trl"
+        self.backend = self._backend(model) if engine and self.state.is_main_process else None
         self.rollout = EngineRollout(self.backend, self.tokenizer, r.seed, r.rollout.return_routing, self.timers,
                                      self.out / "rollouts.jsonl")
         cls = make_trainer_class()
         self.trainer = cls(model=model, reward_funcs=[timed_reward(f, self.timers) for f in self.reward_funcs],
                            args=self.args, train_dataset=train_ds,
                            processing_class=self.tokenizer, peft_config=lora_config(r.peft) if r.peft else None,
-                           rollout_func=self.rollout)
-        if self.args.vllm_importance_sampling_correction:
+                           rollout_func=self.rollout if engine else None)
+        self.trainer.align_timers = self.timers
+        if engine and self.args.vllm_importance_sampling_correction:
             self.trainer.use_vllm = True
         import weakref
 

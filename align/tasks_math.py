@@ -39,10 +39,12 @@ MULTIPLY_VERBS = {2: "doubles", 3: "triples"}
 class MathConfig:
     """Difficulty knobs.  ``max_value`` is exclusive: every intermediate value (and the answer) is below it."""
 
-    min_steps: int = 2
-    max_steps: int = 3
+    # Defaults sized for the tiny CPU model: one or two operations on small numbers, so a ~1M-parameter model
+    # learns to copy operands and add within minutes and GRPO has groups with mixed outcomes to learn from.
+    min_steps: int = 1
+    max_steps: int = 2
     max_operand: int = 9
-    max_value: int = 100
+    max_value: int = 20
 
     def __post_init__(self):
         if not 1 <= self.min_steps <= self.max_steps:
