@@ -11,6 +11,7 @@ its sha256, installed package versions and the git commit) into its output folde
 from __future__ import annotations
 
 import dataclasses
+import enum
 import hashlib
 import importlib.metadata
 import subprocess
@@ -141,6 +142,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return value
     if dataclasses.is_dataclass(tp):
         return build_dataclass(tp, value, where)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        values = [m.value for m in tp]
+        if isinstance(value, bool) and ("yes" if value else "no") in values:
+            return "yes" if value else "no"   # YAML 1.1 reads a bare `no` as false
+        if value not in values:
+            raise RecipeError(f"{where}: expected one of {values}, got {value!r}")
+        return value
     if origin is list or tp is list:
         if not isinstance(value, list):
             raise RecipeError(f"{where}: expected a list, got {type(value).__name__} {value!r}")

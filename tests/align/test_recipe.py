@@ -139,3 +139,10 @@ def test_help_lists_stages(capsys):
     out = capsys.readouterr().out
     for stage in ("data", "sft"):
         assert stage in out
+
+
+def test_bare_yaml_no_becomes_the_enum_value(sft_yaml):
+    # YAML 1.1 reads `no` as false; TrainingArguments wants the string "no".
+    loaded = recipe.load("sft", sft_yaml(), ["trainer.save_strategy=no", "trainer.eval_strategy=no"])
+    assert loaded.recipe.trainer["save_strategy"] == "no" and loaded.recipe.trainer["eval_strategy"] == "no"
+    recipe.trainer_config("sft", loaded.recipe)   # TRL accepts it
