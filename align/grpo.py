@@ -265,8 +265,11 @@ class GRPORun:
         self.timers = Timers()
         from rewards.registry import combine
 
-        self.reward_funcs, self.reward_weights = combine(
-            [{"name": s.name, "weight": s.weight, **s.options} for s in self.recipe.rewards])
+        try:
+            self.reward_funcs, self.reward_weights = combine(
+                [{"name": s.name, "weight": s.weight, **s.options} for s in self.recipe.rewards])
+        except ValueError as e:
+            raise recipes.RecipeError(f"{loaded.source}: rewards: {e}") from None
         self.args = recipes.trainer_config("grpo", self.recipe, reward_weights=self.reward_weights)
         _ = self.args.device
         self.state = PartialState()

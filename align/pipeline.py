@@ -22,7 +22,7 @@ from align import recipe as recipes
 from align.stage import FINAL_MARKER, write_json
 
 log = logging.getLogger(__name__)
-FINGERPRINT = "pipeline.fingerprint.json"
+FINGERPRINTS = ".pipeline"   # <output_dir>/.pipeline/<stage>.json: what each stage folder was made from
 
 
 @dataclasses.dataclass
@@ -119,7 +119,7 @@ class Pipeline:
         fp = self.fingerprint(entry, stage, args)
         self.fingerprints[entry.name] = fp
         folder = self.out / entry.name
-        saved = folder / FINGERPRINT
+        saved = self.out / FINGERPRINTS / f"{entry.name}.json"
         finished = (folder / FINAL_MARKER).exists()
         same = saved.exists() and json.loads(saved.read_text())["fingerprint"] == fp
         if finished and same:
@@ -134,7 +134,7 @@ class Pipeline:
                 aside = folder.with_name(f"{folder.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
                 log.info("stage %s: inputs changed, moving the old run to %s", entry.name, aside)
                 folder.rename(aside)
-        folder.mkdir(parents=True, exist_ok=True)
+        saved.parent.mkdir(parents=True, exist_ok=True)
         write_json(saved, {"fingerprint": fp, "recipe": entry.recipe, "overrides": args})
         cmd = [sys.executable, "-m", "align", stage, "--config", entry.recipe, *(["--resume"] if resume else []),
                *args]

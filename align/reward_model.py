@@ -37,7 +37,7 @@ from align.metrics import write_metrics
 from align.model import count_parameters, load_tokenizer
 from align.recipe import DataSource, ModelSection, PeftSection, RecipeError
 from align.sft import check_world_size
-from align.stage import install_final, last_checkpoint, lineage, prepare_output_dir, write_json
+from align.stage import lineage, prepare_output_dir, save_final, train_or_resume, write_json
 
 log = logging.getLogger(__name__)
 
@@ -313,8 +313,9 @@ class RMRun:
         self.heldout_pairs = read_jsonl(pairs_dir / "heldout.jsonl")
         self.pair_stats = json.loads((pairs_dir / "stats.json").read_text())
         if not self.train_pairs:
-            raise RecipeError(f"{self.loaded.source}: no training pairs could be made (see {pairs_dir / 'stats.json'}); "
-                              "sample more per prompt, use more prompts, or keep pairs.reference_fallback on")
+            raise RecipeError(f"{self.loaded.source}: no training pairs could be made (see "
+                              f"{pairs_dir / 'stats.json'}); sample more per prompt, use more prompts, or keep "
+                              "pairs.reference_fallback on")
         self.inherited = lineage(r.model.path)
         model = sequence_classifier(r.model.path, DTYPES[r.model.dtype])
         model.config.pad_token_id = self.tokenizer.pad_token_id
@@ -353,24 +354,14 @@ class RMRun:
         os.replace(tmp, pairs_dir)
 
     def train(self) -> dict:
-        ckpt = last_checkpoint(self.out) if self.resume else None
-        if ckpt:
-            log.info("resuming from %s", ckpt)
-        result = self.trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+        metrics = train_or_resume(self.trainer, self.out, self.resume, self.state.num_processes)
         logged = [h for h in self.trainer.state.log_history if "accuracy" in h]
-        return {"train_loss": result.training_loss, "global_step": result.global_step,
-                **{k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},
-                **({"train_batch_accuracy": logged[-1]["accuracy"]} if logged else {})}
+        if logged:  # TRL's running pairwise accuracy on the last logged training batches
+            metrics["train_batch_accuracy"] = logged[-1]["accuracy"]
+        return metrics
 
     def save(self) -> None:
-        tmp = self.out / ".final.tmp"
-        self.trainer.save_model(str(tmp))
-        self.state.wait_for_everyone()
-        if self.state.is_main_process:
-            self.tokenizer.save_pretrained(str(tmp))
-            write_json(tmp / "log_history.json", {"log_history": self.trainer.state.log_history})
-            install_final(tmp, self.out)
-        self.state.wait_for_everyone()
+        save_final(self.trainer, self.tokenizer, self.out, self.state)
 
     def evaluate(self, train_metrics: dict) -> dict | None:
         if not self.state.is_main_process:

@@ -85,7 +85,10 @@ def get_reward(name: str, **options: Any) -> RewardFn:
             from rewards.learned import load_reward_fn
         except ImportError as exc:
             raise ValueError(f"reward {name!r}: learned rewards are unavailable ({exc})") from exc
-        fn = load_reward_fn(path, **options)
+        try:
+            fn = load_reward_fn(path, **options)
+        except OSError as exc:   # a missing or unreadable model folder is a recipe error, not a crash
+            raise ValueError(f"reward {name!r}: cannot load the reward model: {exc}") from exc
         stem = os.path.basename(os.path.normpath(path)) or "model"
         label = getattr(fn, "__name__", None)
         return _named(fn, label if label and label != "<lambda>" else f"learned_{stem}", {})
