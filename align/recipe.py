@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import hashlib
+import importlib
 import importlib.metadata
 import subprocess
 import types
@@ -96,6 +97,8 @@ class SFTRecipe:
 
 
 STAGES: dict[str, type] = {"sft": SFTRecipe}
+# Stage modules register their recipe types on import; `load` imports them on demand.
+STAGE_MODULES = {"sft": "align.sft", "rm": "align.reward_model", "grpo": "align.grpo", "pipeline": "align.pipeline"}
 TRAINER_CONFIGS = {"sft": "SFTConfig", "grpo": "GRPOConfig", "rm": "RewardConfig"}
 # Set by the stage itself (the recipe owns them at top level).
 _TRAINER_RESERVED = {"output_dir", "seed", "reward_weights"}
@@ -330,6 +333,8 @@ def load(stage: str, path: str | Path, overrides: list[str] = (), allow_drift: b
             raise RecipeError(f"{path}: package versions drifted from the lock ({lines}); "
                               "install the locked versions or pass --allow-drift")
         raw = raw["recipe"]
+    if stage not in STAGES and stage in STAGE_MODULES:
+        importlib.import_module(STAGE_MODULES[stage])
     if stage not in STAGES:
         raise RecipeError(f"unknown stage {stage!r}")
     try:
@@ -394,7 +399,7 @@ def trainer_config(stage: str, recipe: Any, **fixed):
 def stage_of(path: str | Path) -> str:
     """The stage a recipe file is for, from its name: ``sft.yaml``, ``grpo_stage2.yaml``, ``rm.yaml`` ..."""
     stem = Path(path).stem.split(".")[0]
-    for stage in sorted(STAGES, key=len, reverse=True):
+    for stage in sorted(STAGE_MODULES, key=len, reverse=True):
         if stem == stage or stem.startswith(stage + "_") or stem.startswith(stage + "-"):
             return stage
-    raise RecipeError(f"{path}: cannot tell the stage from the file name (expected one of {sorted(STAGES)})")
+    raise RecipeError(f"{path}: cannot tell the stage from the file name (expected one of {sorted(STAGE_MODULES)})")
