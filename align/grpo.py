@@ -29,8 +29,8 @@ from align.metrics import heldout_math, write_metrics
 from align.model import load_tokenizer
 from align.recipe import DataSource, EvalSection, ModelSection, PeftSection
 from align.rollout import ColocatedRollout, policy_state_dict
-from align.sft import check_world_size, lora_config
-from align.stage import lineage, prepare_output_dir, save_final, train_or_resume
+from align.sft import lora_config
+from align.stage import claim_output_dir, lineage, process_group, save_final, train_or_resume
 from ray_jobs.records import PromptGroup, Sampling
 
 log = logging.getLogger(__name__)
@@ -271,19 +271,13 @@ class GRPORun:
         except ValueError as e:
             raise recipes.RecipeError(f"{loaded.source}: rewards: {e}") from None
         self.args = recipes.trainer_config("grpo", self.recipe, reward_weights=self.reward_weights)
-        _ = self.args.device
-        self.state = PartialState()
-        check_world_size(self.state)
+        self.state = process_group(self.args)
 
     def setup(self) -> None:
         r = self.recipe
         self.tokenizer = load_tokenizer(r.model.tokenizer or r.model.path)
         train_ds = prompt_dataset(r.data.train)
-        if self.state.is_main_process:
-            prepare_output_dir(self.out, self.resume)
-        self.state.wait_for_everyone()
-        if self.state.is_main_process:
-            recipes.write_lock(self.loaded, self.out)
+        claim_output_dir(self.loaded, self.out, self.resume, self.state)
         self.inherited = lineage(r.model.path)
         model = load_base(dataclasses.asdict(r.model), self.tokenizer, r.seed, DTYPES[r.model.dtype])
         engine = r.rollout.mode != "trl"

@@ -25,7 +25,6 @@ import shutil
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 from datasets import Dataset
 from tqdm.auto import tqdm
 
@@ -36,8 +35,7 @@ from align.data import load_rows
 from align.metrics import write_metrics
 from align.model import count_parameters, load_tokenizer
 from align.recipe import DataSource, ModelSection, PeftSection, RecipeError
-from align.sft import check_world_size
-from align.stage import lineage, prepare_output_dir, save_final, train_or_resume, write_json
+from align.stage import claim_output_dir, lineage, process_group, save_final, train_or_resume, write_json
 
 log = logging.getLogger(__name__)
 
@@ -288,9 +286,7 @@ class RMRun:
         self.loaded, self.recipe, self.resume = loaded, loaded.recipe, resume
         self.out = Path(self.recipe.output_dir)
         self.args = recipes.trainer_config("rm", self.recipe)
-        _ = self.args.device  # see align.sft: the process group must come from the recipe's use_cpu
-        self.state = PartialState()
-        check_world_size(self.state)
+        self.state = process_group(self.args)
 
     def setup(self) -> None:
         from trl import RewardTrainer
@@ -301,11 +297,8 @@ class RMRun:
         self.tokenizer = load_tokenizer(r.model.tokenizer or r.model.path)
         train_rows, heldout_rows = split_rows(load_prompt_rows(r.data.train, r.seed), r.pairs.heldout_fraction,
                                                f"{self.loaded.source}: ")
+        claim_output_dir(self.loaded, self.out, self.resume, self.state)
         if self.state.is_main_process:
-            prepare_output_dir(self.out, self.resume)
-        self.state.wait_for_everyone()
-        if self.state.is_main_process:
-            recipes.write_lock(self.loaded, self.out)
             self._ensure_pairs(train_rows, heldout_rows)
         self.state.wait_for_everyone()
         pairs_dir = self.out / PAIRS_DIR

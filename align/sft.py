@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import random
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 from accelerate.utils import gather_object
 from transformers import TrainerCallback
 from datasets import Dataset
@@ -25,7 +23,7 @@ from align.data import load_rows, to_messages
 from align.metrics import heldout_math, write_metrics
 from align.model import count_parameters, load_tokenizer
 from align.checkpoint import DTYPES, load_base, load_trained
-from align.stage import lineage, prepare_output_dir, save_final, train_or_resume
+from align.stage import claim_output_dir, lineage, process_group, save_final, train_or_resume
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +60,7 @@ class SFTRun:
         self.loaded, self.recipe, self.resume = loaded, loaded.recipe, resume
         self.out = Path(self.recipe.output_dir)
         self.args = recipes.trainer_config("sft", self.recipe)
-        # Touching args.device creates the process group with the recipe's use_cpu; a PartialState made
-        # before it would pin cpu=False, and on a CPU box accelerate then runs N unrelated single processes.
-        _ = self.args.device
-        self.state = PartialState()
-        check_world_size(self.state)
+        self.state = process_group(self.args)
 
     def setup(self) -> None:
         from trl import SFTTrainer
@@ -76,11 +70,7 @@ class SFTRun:
         self.tokenizer = load_tokenizer(r.model.tokenizer or r.model.path)
         self.train_ds = messages_dataset(r.data.train, r.seed)
         self.eval_ds = messages_dataset(r.data.heldout, r.seed) if r.data.heldout else None
-        if self.state.is_main_process:
-            prepare_output_dir(self.out, self.resume)
-        self.state.wait_for_everyone()
-        if self.state.is_main_process:
-            recipes.write_lock(self.loaded, self.out)
+        claim_output_dir(self.loaded, self.out, self.resume, self.state)
         self.inherited = lineage(r.model.path)
         model = load_base(dataclasses.asdict(r.model), self.tokenizer, r.seed, DTYPES[r.model.dtype])
         log.info("model: %.2fM parameters, dtype %s", count_parameters(model) / 1e6, r.model.dtype)
@@ -110,14 +100,6 @@ class SFTRun:
                    "rank_param_checksums": self.consistency.checksums}
         write_metrics(self.out, metrics)
         return metrics
-
-
-def check_world_size(state) -> None:
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != state.num_processes:
-        raise RuntimeError(
-            f"launched {launched} processes but the process group has {state.num_processes}: accelerate fell back "
-            "to independent single processes (on CPU set `trainer.use_cpu: true` in the recipe)")
 
 
 def run(loaded: recipes.Loaded, resume: bool = False) -> dict | None:

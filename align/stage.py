@@ -98,3 +98,33 @@ def save_final(trainer, tokenizer, out: Path, state) -> None:
         write_json(tmp / "log_history.json", {"log_history": trainer.state.log_history})
         install_final(tmp, out)
     state.wait_for_everyone()
+
+
+def process_group(args):
+    """The run's accelerate state, made from the TRL config so the recipe's ``use_cpu`` holds.
+
+    Touching ``args.device`` creates the process group; a ``PartialState`` made before it would pin cpu=False, and
+    on a CPU box accelerate then runs N unrelated single processes. That fallback is caught here too.
+    """
+    import os
+
+    from accelerate import PartialState
+
+    _ = args.device
+    state = PartialState()
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != state.num_processes:
+        raise RuntimeError(
+            f"launched {launched} processes but the process group has {state.num_processes}: accelerate fell back "
+            "to independent single processes (on CPU set `trainer.use_cpu: true` in the recipe)")
+    return state
+
+
+def claim_output_dir(loaded, out: Path, resume: bool, state) -> None:
+    """Check the output folder on the main process, then write the lock there; all ranks wait for it."""
+    from align.recipe import write_lock
+
+    if state.is_main_process:
+        prepare_output_dir(out, resume)
+        write_lock(loaded, out)
+    state.wait_for_everyone()
