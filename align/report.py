@@ -80,7 +80,7 @@ def results_table(out: Path, stage_names: list[str], evals: dict[str, dict]) -> 
     pass_keys = sorted({(task, k) for res in evals.values() for task, body in res.get("tasks", {}).items()
                         for k in body.get("pass_at_k", {})})
     head = ["model", "held-out math greedy", "held-out math pass@1 (sampled)"]
-    head += [f"{task} pass@{k}" for task, k in pass_keys]
+    head += [f"{task} {k}" if str(k).startswith("pass@") else f"{task} pass@{k}" for task, k in pass_keys]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name in ["base", *stage_names]:
         if name not in evals and not (out / name / "metrics.json").exists():
