@@ -80,10 +80,14 @@ def test_versions_spread_and_determinism(ray_local, policy):
 
 def _kill_during_rollout(pool, groups, sampling, sig):
     victim = pool.worker_pids()[0]
+    slot = pool.slots[0]
     out = {}
     t = threading.Thread(target=lambda: out.setdefault("records", pool.generate(groups, sampling)))
     t.start()
-    time.sleep(1.0)                  # both workers are now inside their first chunk
+    deadline = time.monotonic() + 60
+    while not slot.inflight:         # wait until the victim holds a chunk, then kill it mid-rollout
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
     os.kill(victim, sig)
     t.join(timeout=600)
     assert not t.is_alive()
