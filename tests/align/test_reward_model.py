@@ -234,8 +234,8 @@ def test_learned_reward_in_registry_and_grpo_recipe(micro_rm_dir, micro_sft_dir,
     assert funcs[0](prompts=prompts, completions=completions, answer=["5", "5"]) == [1.0, 0.0]
     with pytest.raises(ValueError, match=r"rewards\[0\].*no option"):
         combine([{"name": f"learned:{micro_rm_dir}", "top_k": 3}])
-    with pytest.raises(FileNotFoundError, match="no reward model folder"):
-        get_reward(f"learned:{tmp_path / 'missing'}")
+    with pytest.raises(ValueError, match="cannot load the reward model: .*no reward model folder"):
+        get_reward(f"learned:{tmp_path / 'missing'}")   # a recipe error (exit 2), not a crash
 
 
 @pytest.mark.slow
