@@ -20,18 +20,24 @@ def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
     ]
 
 
+def make_engine(model):
+    """An engine for evaluating ``model``: on the GPU when there is one (bf16 for fp32 weights), else on CPU."""
+    from align.engine import Engine
+
+    device = "cuda" if torch.cuda.is_available() else None
+    dtype = torch.bfloat16 if device == "cuda" and model.dtype == torch.float32 else None
+    return Engine.from_model(model, device=device, dtype=dtype)
+
+
 @torch.no_grad()
 def sample(model, tokenizer, prompts: list[str], n: int, temperature: float, max_new_tokens: int, seed: int,
            backend: str = "engine", batch_size: int = 64, engine=None, progress: bool = True) -> list[list[str]]:
     """``n`` completions per prompt, as decoded strings (special tokens dropped)."""
     ids = encode_prompts(tokenizer, prompts)
     if backend == "engine":
-        from align.engine import Engine, SamplingParams
+        from align.engine import SamplingParams
 
-        if engine is None:
-            device = "cuda" if torch.cuda.is_available() else None
-            dtype = torch.bfloat16 if device == "cuda" and model.dtype == torch.float32 else None
-            engine = Engine.from_model(model, device=device, dtype=dtype)
+        engine = engine or make_engine(model)
         params = SamplingParams(n=n, temperature=temperature, max_tokens=max_new_tokens, seed=seed,
                                 stop_token_ids=[tokenizer.eos_token_id])
         results = engine.generate(ids, params)

@@ -168,8 +168,7 @@ class RolloutPool:
                     self._replace(slot, f"died: {type(e).__name__}")
             now = time.monotonic()
             for slot in list(self.slots):        # hung workers are treated like dead ones
-                late = [(r, i) for r, (i, t) in slot.inflight.items() if now - t > self.timeout_s]
-                if late:
+                if any(now - t > self.timeout_s for _, t in slot.inflight.values()):
                     pending.extend(i for _, (i, _) in slot.inflight.items())
                     self.stats.reissued_chunks += len(slot.inflight)
                     self._replace(slot, f"no answer in {self.timeout_s:.0f}s")
