@@ -2,19 +2,28 @@
 
 Random weights, random prompts of ``--prompt-len`` tokens, ``--new-tokens`` sampled at temperature 1 with EOS
 ignored, so both sides produce exactly batch x new-tokens tokens. Prints a markdown table. On CUDA it also
-prints the peak memory of each run and the fraction of the memory-bandwidth bound reached: the bytes a decode
-step cannot avoid reading (all non-expert weights, the routed experts the batch is expected to touch under
-uniform routing, the latent cache) over the run's time, against ``--peak-gbps``. Each measured run follows a
-warm-up on the same prompts (the engine's a full one, so decode graphs are already captured; transformers' a
-4-token one).
+prints the peak memory of each run and the fraction of the memory-bandwidth bound reached: the bytes the decode
+steps cannot avoid reading (all non-expert weights, the routed experts the batch is expected to touch under
+uniform routing, the latent cache) over the run's time (prefill included), against the device-to-device copy
+bandwidth measured at start (or ``--peak-gbps``). Each measured run follows a warm-up on the same prompts (the
+engine's a full one, so decode graphs are already captured; transformers' a 4-token one).
+
+``--grpo`` adds the GRPO-shaped case (``--grpo-prompts`` prompts x n=``--grpo-n`` samples, prompt
+``--grpo-prompt-len``, ``--grpo-new-tokens`` new tokens, engine only) with its tok/s and the latent-cache bytes
+its sequences held at the peak. ``--parity N`` samples N completions with the engine and reports the mean and
+max |engine - transformers| log-probability of the sampled tokens, transformers scoring the same sequences in
+one forward pass in the same dtype; on CUDA the same comparison with the fused decode kernels switched off
+(the torch decode path) gives the size of the dtype's own noise.
 
     python bench/rollout.py                                   # tiny preset, CPU, fp32, batches 1 and 32
-    python bench/rollout.py --preset lite --device cuda --dtype bfloat16 --batches 1 32 128
+    python bench/rollout.py --preset lite --device cuda --dtype bfloat16 --prompt-len 128 --new-tokens 128 \
+        --batches 1 32 128 256 --grpo --parity 8
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import torch
@@ -39,7 +48,17 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--skip-hf", action="store_true", help="engine only (transformers is slow at large shapes)")
-    p.add_argument("--peak-gbps", type=float, default=4800.0, help="memory bandwidth bound (H200: 4800 GB/s)")
+    p.add_argument("--peak-gbps", type=float, default=None,
+                   help="memory bandwidth bound in GB/s (default: a device-to-device copy measured at start)")
+    p.add_argument("--hf-max-batch", type=int, default=128, help="run transformers only up to this batch")
+    p.add_argument("--decode-kernels", default="auto", choices=["auto", "triton", "torch"])
+    p.add_argument("--grpo", action="store_true", help="also run the GRPO-shaped case (engine only)")
+    p.add_argument("--grpo-prompts", type=int, default=64)
+    p.add_argument("--grpo-n", type=int, default=8)
+    p.add_argument("--grpo-prompt-len", type=int, default=256)
+    p.add_argument("--grpo-new-tokens", type=int, default=512)
+    p.add_argument("--parity", type=int, default=0, metavar="N",
+                   help="engine vs transformers log-probs of N sampled completions")
     return p.parse_args(argv)
 
 
@@ -76,8 +95,25 @@ def run_engine(engine, prompts, new_tokens, device):
     return sum(len(o.outputs[0].token_ids) for o in outs)
 
 
-def bound_bytes(config, engine: Engine, batch: int, prompt_len: int, new_tokens: int) -> float:
-    """Bytes the decode steps must read at least: weights touched per step plus the latent cache."""
+def copy_gbps(device) -> float:
+    """Device-to-device copy bandwidth (bytes read + written per second, GB/s), median of 10 copies of 2 GiB."""
+    src = torch.empty(2 << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(13):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        if i >= 3:
+            times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    return 2 * (2 << 30) / sorted(times)[len(times) // 2] / 1e9
+
+
+def step_weight_bytes(config, engine: Engine, batch: int) -> float:
+    """Weights one decode step of ``batch`` sequences reads at least, under uniform routing."""
     w = engine.weights
     item = engine.dtype.itemsize
     e, k = config.n_routed_experts, config.num_experts_per_tok
@@ -86,9 +122,60 @@ def bound_bytes(config, engine: Engine, batch: int, prompt_len: int, new_tokens:
     routed_all = n_moe * e * expert
     dense = w.num_bytes() - routed_all - w.embed.numel() * item * (0 if w.tied else 1)  # embedding: a row each
     touched = e * (1 - (1 - k / e) ** batch)  # expected distinct experts per layer, uniform routing
-    per_step_weights = dense + n_moe * touched * expert
+    return dense + n_moe * touched * expert
+
+
+def bound_bytes(config, engine: Engine, batch: int, prompt_len: int, new_tokens: int) -> float:
+    """Bytes the decode steps must read at least: weights touched per step plus the latent cache."""
     kv = engine.kv_bytes_per_token() * batch * sum(prompt_len + t for t in range(new_tokens - 1))
-    return per_step_weights * (new_tokens - 1) + kv
+    return step_weight_bytes(config, engine, batch) * (new_tokens - 1) + kv
+
+
+@contextlib.contextmanager
+def torch_decode(engine: Engine):
+    """The same engine on its torch decode path (fused kernels and graphs off), for a noise reference."""
+    fused, graphs = engine.runner.fused, engine.graphs
+    engine.runner.fused, engine.graphs = None, None
+    try:
+        yield
+    finally:
+        engine.runner.fused, engine.graphs = fused, graphs
+
+
+def parity(model, engine: Engine, prompts, new_tokens: int, device) -> dict[str, float]:
+    """Mean / max |engine - transformers| log-prob of the engine's sampled tokens (same sequences, same dtype)."""
+    sp = SamplingParams(temperature=1.0, max_tokens=new_tokens, ignore_eos=True, seed=1, logprobs=True)
+    outs = engine.generate(prompts, sp, use_tqdm=False)
+    seqs = torch.tensor([p + o.outputs[0].token_ids for p, o in zip(prompts, outs)], device=device)  # (B, T)
+    with torch.no_grad():
+        logits = model(seqs).logits[:, len(prompts[0]) - 1:-1].float()  # (B, new, V)
+    ref = torch.log_softmax(logits, dim=-1).gather(-1, seqs[:, len(prompts[0]):, None]).squeeze(-1).cpu()
+    got = torch.tensor([o.outputs[0].logprobs for o in outs])  # (B, new)
+    diff = (got - ref).abs()
+    return {"mean": diff.mean().item(), "max": diff.max().item(), "ref_mean_logprob": ref.mean().item()}
+
+
+def run_grpo(args, engine: Engine, config, device, bw_gbps):
+    g = torch.Generator().manual_seed(args.seed + 1)
+    prompts = torch.randint(0, config.vocab_size, (args.grpo_prompts, args.grpo_prompt_len), generator=g).tolist()
+    sp = SamplingParams(n=args.grpo_n, temperature=1.0, max_tokens=args.grpo_new_tokens, ignore_eos=True, seed=0)
+    engine.generate(prompts, sp, use_tqdm=False)  # warm-up: graph capture for every batch bucket it passes
+    sync(device)
+    engine.reset_stats()
+    torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    outs = engine.generate(prompts, sp, use_tqdm=False)
+    sync(device)
+    dt = time.perf_counter() - t0
+    n = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    st = engine.stats
+    block_bytes = engine.kv_bytes_per_token() * engine.blocks.block_size
+    print(f"\nGRPO-shaped: {args.grpo_prompts} prompts x n={args.grpo_n}, prompt {args.grpo_prompt_len}, "
+          f"{args.grpo_new_tokens} new tokens: {n} tokens in {dt:.2f} s = {n / dt:.1f} tok/s; "
+          f"{st.decode_steps} decode steps, {st.prefill_steps} prefill steps, {st.preemptions} preemptions; "
+          f"latent cache held at peak {st.peak_blocks_in_use} blocks = {st.peak_blocks_in_use * block_bytes / 2**30:.2f} "
+          f"GiB ({engine.kv_bytes_per_token()} B/token; pool {engine.cache.num_bytes() / 2**30:.1f} GiB); "
+          f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
 
 
 def main(argv=None):
@@ -98,11 +185,17 @@ def main(argv=None):
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     cuda = device.type == "cuda"
+    bw = (args.peak_gbps or copy_gbps(device)) if cuda else None
     model = build_model(args, dtype, device)
     config = model.config
-    engine = Engine.from_model(model, max_num_seqs=max(args.batches),
-                               max_num_batched_tokens=max(args.batches) * args.prompt_len,
-                               block_size=args.block_size, use_tqdm=False, seed=args.seed)
+    max_seqs = max(args.batches + ([args.grpo_prompts * args.grpo_n] if args.grpo else []))
+    longest = max(args.prompt_len + args.new_tokens,
+                  args.grpo_prompt_len + args.grpo_new_tokens if args.grpo else 0)
+    engine = Engine.from_model(model, max_num_seqs=max_seqs,
+                               max_num_batched_tokens=max(max(args.batches) * args.prompt_len,
+                                                          args.grpo_prompts * args.grpo_prompt_len),
+                               max_model_len=longest + args.block_size, block_size=args.block_size,
+                               use_tqdm=False, seed=args.seed, decode_kernels=args.decode_kernels)
     g = torch.Generator().manual_seed(args.seed)
     header = ["impl", "batch", "prompt", "new", "time s", "tokens/s", "engine speedup"]
     if cuda:
@@ -112,7 +205,7 @@ def main(argv=None):
         prompts = torch.randint(0, config.vocab_size, (batch, args.prompt_len), generator=g).tolist()
         results = {}
         impls = [("engine", lambda: run_engine(engine, prompts, args.new_tokens, device))]
-        if not args.skip_hf:
+        if not args.skip_hf and batch <= args.hf_max_batch:
             impls.append(("transformers generate", lambda: run_hf(model, prompts, args.new_tokens, device)))
         for name, fn in impls:
             if name == "engine":
@@ -131,8 +224,7 @@ def main(argv=None):
             if cuda:
                 peak = torch.cuda.max_memory_allocated(device)
                 bound = bound_bytes(config, engine, batch, args.prompt_len, args.new_tokens)
-                extra = {"peak": peak / 2**30, "extra": (peak - base) / 2**30,
-                         "bw": bound / (args.peak_gbps * 1e9) / dt}
+                extra = {"peak": peak / 2**30, "extra": (peak - base) / 2**30, "bw": bound / (bw * 1e9) / dt}
             results[name] = (dt, n, extra)
         hf = results.get("transformers generate")
         for name, (dt, n, extra) in results.items():
@@ -141,14 +233,31 @@ def main(argv=None):
             if cuda:
                 row += [f"{extra['peak']:.2f}", f"{extra['extra']:.2f}", f"{extra['bw']:.3f}"]
             rows.append(row)
+    fused = engine.runner.fused is not None
     print(f"\npreset {args.preset} (vocab {config.vocab_size}), {args.dtype} on {device}, random weights, "
           f"temperature 1, EOS ignored; engine KV {engine.kv_bytes_per_token()} B/token, "
-          f"moe backend {engine.runner.moe_backend}, cuda graphs {bool(engine.graphs and engine.graphs.capture)}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads\n")
+          f"moe backend {engine.runner.moe_backend}, decode kernels {'triton' if fused else 'torch'}, "
+          f"cuda graphs {bool(engine.graphs and engine.graphs.capture)}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} CPU threads" + (f", copy bandwidth {bw:.0f} GB/s" if cuda else "") + "\n")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for row in rows:
         print("| " + " | ".join(str(x) for x in row) + " |")
+    if args.parity:
+        prompts = torch.randint(0, config.vocab_size, (args.parity, args.prompt_len), generator=g).tolist()
+        got = parity(model, engine, prompts, args.new_tokens, device)
+        line = (f"\nlog-prob parity, {args.parity} sampled completions of {args.new_tokens} tokens, {args.dtype}: "
+                f"|engine - transformers| mean {got['mean']:.4g}, max {got['max']:.4g} (mean log-prob "
+                f"{got['ref_mean_logprob']:.3f})")
+        if fused:
+            with torch_decode(engine):
+                base = parity(model, engine, prompts, args.new_tokens, device)
+            line += f"; torch decode path: mean {base['mean']:.4g}, max {base['max']:.4g}"
+        print(line)
+    if args.grpo:
+        if not cuda:
+            raise SystemExit("--grpo is a GPU benchmark")
+        run_grpo(args, engine, config, device, bw)
 
 
 if __name__ == "__main__":

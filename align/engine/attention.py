@@ -41,6 +41,7 @@ class AttnBatch:
     num_seqs: int  # B
     query_len: int  # Tq, the longest chunk
     context_len: int  # L, the longest context (cached + new)
+    context_lens: torch.Tensor | None = None  # (B,) int64 keys per sequence; set for decode batches (Tq == 1)
 
     @classmethod
     def build(cls, starts: list[int], lengths: list[int], tables: list[list[int]], block_size: int,
@@ -71,12 +72,14 @@ class AttnBatch:
             pad_index = first[:, None] + torch.minimum(torch.arange(tq)[None], len_t[:, None] - 1)  # (B, Tq)
             unpad_index = seq_of * tq + offset  # (N,)
         to = dict(device=device, non_blocking=True)
+        context_lens = torch.tensor(ctx).to(**to) if tq == 1 else None
         positions = positions.to(**to)
         mask = torch.arange(length, device=device)[None, None] <= limit.to(**to)[..., None]  # (B, Tq, L)
         return cls(positions=positions, slots=slots.to(**to), block_tables=table.to(**to), mask=mask,
                    pad_index=None if pad_index is None else pad_index.to(**to),
                    unpad_index=None if unpad_index is None else unpad_index.to(**to),
-                   freqs=rotary.freqs(positions), num_seqs=b, query_len=tq, context_len=length)
+                   freqs=rotary.freqs(positions), num_seqs=b, query_len=tq, context_len=length,
+                   context_lens=context_lens)
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """(N, ...) packed -> (B, Tq, ...) padded."""

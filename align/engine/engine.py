@@ -14,7 +14,7 @@ from .cache import BlockManager, LatentCache, kv_bytes_per_token
 from .graphs import DecodeGraphs
 from .params import CompletionOutput, RequestOutput, SamplingParams
 from .runner import ModelRunner
-from .sampler import make_generator, sample
+from .sampler import UniformStream, make_generator, sample
 from .scheduler import Chunk, EngineStats, Request, Scheduler, Sequence
 from .weights import ModelWeights
 
@@ -32,8 +32,9 @@ class Engine:
     ``kv_cache_memory_fraction`` of free GPU memory; on CPU at 4096 tokens a sequence and 1 GiB), ``max_model_len``,
     ``eos_token_id`` (int or list), ``seed`` (draws seeds for requests that bring none), ``use_tqdm``,
     ``prefill_attention`` ('expanded' or 'absorbed'), ``moe_backend`` ('auto', 'grouped', 'loop'),
-    ``cuda_graphs`` (replay decode steps from CUDA graphs; default on for CUDA in bf16/fp16 with grouped
-    experts; on CPU, True runs the same padded decode path without graphs), ``cpu_threads`` (torch threads while
+    ``decode_kernels`` ('auto': fused Triton kernels for decode steps on CUDA, see fused.py; 'triton'; 'torch'),
+    ``cuda_graphs`` (replay decode steps from CUDA graphs; default on for CUDA with the fused decode kernels, or
+    in bf16/fp16 with grouped experts; on CPU, True runs the same padded decode path without graphs), ``cpu_threads`` (torch threads while
     decoding on CPU; default 1, None leaves torch's setting).
     """
 
@@ -42,7 +43,7 @@ class Engine:
                  kv_cache_bytes: int | None = None, kv_cache_memory_fraction: float = 0.4,
                  max_model_len: int | None = None, eos_token_id: int | list[int] | None = None, seed: int | None = 0,
                  use_tqdm: bool = True, prefill_attention: str = "expanded", moe_backend: str = "auto",
-                 cuda_graphs: bool | None = None, cpu_threads: int | None = 1):
+                 decode_kernels: str = "auto", cuda_graphs: bool | None = None, cpu_threads: int | None = 1):
         if max_num_seqs < 1 or max_num_batched_tokens < 1 or block_size < 1:
             raise ValueError("max_num_seqs, max_num_batched_tokens and block_size must be positive")
         self.config = config
@@ -80,12 +81,15 @@ class Engine:
                                  config.qk_rope_head_dim, self.dtype, self.device)
         self.blocks = BlockManager(num_blocks, block_size)
         self.runner = ModelRunner(config, weights, self.cache, self.device, self.dtype, prefill_attention,
-                                  moe_backend)
+                                  moe_backend, decode_kernels)
         on_cuda = self.device.type == "cuda"
+        # Decode steps are capturable on the fused kernels, or on torch's grouped GEMM except in fp32 (it copies
+        # from the host inside, torch 2.11); the loop backend syncs with the host.
+        fused_decode = self.runner.fused is not None
         if cuda_graphs is None:
-            # fp32 grouped GEMM on CUDA copies from the host inside (torch 2.11), which capture forbids.
-            cuda_graphs = on_cuda and self.runner.moe_backend == "grouped" and self.dtype != torch.float32
-        if cuda_graphs and self.runner.moe_backend != "grouped":
+            cuda_graphs = on_cuda and (fused_decode or (self.runner.moe_backend == "grouped"
+                                                        and self.dtype != torch.float32))
+        if cuda_graphs and not fused_decode and self.runner.moe_backend != "grouped":
             raise ValueError("cuda_graphs needs moe_backend='grouped' (the loop backend syncs with the host)")
         self.graphs = DecodeGraphs(self.runner, max_num_seqs, -(-self.max_model_len // block_size),
                                    scratch_block=num_blocks, capture=on_cuda) if cuda_graphs else None
@@ -208,14 +212,15 @@ class Engine:
                 continue
             if c.seq.is_prefix:
                 req = c.seq.request
-                gens = [make_generator(req.seed, i) for i in range(req.params.n)]
+                gens = [UniformStream(make_generator(req.seed, i)) for i in range(req.params.n)]
                 to_sample += [(s, row) for s in sched.fork(c.seq, gens)]
             else:
                 to_sample.append((c.seq, row))
             row += 1
         if not to_sample:
             return
-        rows = logits[torch.tensor([r for _, r in to_sample], device=logits.device)]
+        picked = [r for _, r in to_sample]
+        rows = logits if picked == list(range(logits.shape[0])) else logits[torch.tensor(picked, device=logits.device)]
         seqs = [s for s, _ in to_sample]
         tokens, logprobs = sample(rows, [s.request.params for s in seqs], [s.generator for s in seqs])
         for s, tok, lp in zip(seqs, tokens, logprobs):

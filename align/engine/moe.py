@@ -55,8 +55,12 @@ def route(x: torch.Tensor, router: torch.Tensor, r: Routing) -> tuple[torch.Tens
     return weights * r.scaling, idx
 
 
-def experts_grouped(x, idx, weights, gate_up, down, act) -> torch.Tensor:
-    """All routed experts in two grouped GEMMs over tokens sorted by expert; no host sync (graph friendly)."""
+def experts_grouped(x, idx, weights, gate_up, down, act, fused: bool = False) -> torch.Tensor:
+    """All routed experts in two grouped GEMMs over tokens sorted by expert; no host sync (graph friendly).
+
+    ``fused`` (CUDA with Triton, SiLU experts): the activation and the weighted scatter back to tokens run as
+    one Triton kernel each instead of a handful of elementwise ops over (N*k, ...) tensors (prefill sizes).
+    """
     k = idx.shape[1]
     flat = idx.reshape(-1)  # (N*k,)
     order = torch.argsort(flat, stable=True)
@@ -66,6 +70,14 @@ def experts_grouped(x, idx, weights, gate_up, down, act) -> torch.Tensor:
                                                                                         torch.ones_like(flat))
     offs = torch.cumsum(counts, 0).to(torch.int32)  # (E,) end of each expert's rows
     h = _GROUPED_MM(x[token], gate_up.transpose(1, 2), offs=offs)  # (N*k, 2I)
+    if fused:
+        from .triton_moe import weighted_sum
+        from .triton_ops import silu_mul
+
+        y = _GROUPED_MM(silu_mul(h), down.transpose(1, 2), offs=offs)  # (N*k, H)
+        pos = torch.empty_like(order)
+        pos[order] = torch.arange(order.numel(), device=order.device)  # sorted row of each (token, slot)
+        return weighted_sum(y, pos.view(-1, k), weights.float())
     gate, up = h.chunk(2, dim=-1)
     y = _GROUPED_MM(act(gate) * up, down.transpose(1, 2), offs=offs)  # (N*k, H)
     y = (y * weights.reshape(-1)[order, None]).to(x.dtype)
@@ -108,11 +120,13 @@ def pick_backend(backend: str, config, device: torch.device, dtype: torch.dtype)
     return "grouped" if ok else "loop"
 
 
-def moe_forward(w: MoEWeights, x: torch.Tensor, r: Routing, act, backend: str):
-    """(N, H) -> (N, H) output and (N, k) routed expert ids."""
+def moe_forward(w: MoEWeights, x: torch.Tensor, r: Routing, act, backend: str, fused: bool = False):
+    """(N, H) -> (N, H) output and (N, k) routed expert ids; ``fused``: see ``experts_grouped``."""
     weights, idx = route(x, w.router, r)
-    fn = experts_grouped if backend == "grouped" else experts_loop
-    out = fn(x, idx, weights, w.gate_up, w.down, act)
+    if backend == "grouped":
+        out = experts_grouped(x, idx, weights, w.gate_up, w.down, act, fused)
+    else:
+        out = experts_loop(x, idx, weights, w.gate_up, w.down, act)
     if w.shared is not None:
         out = out + dense_mlp(x, w.shared, act)
     return out, idx

@@ -51,13 +51,13 @@ class Request:
 
 
 class Sequence:
-    def __init__(self, request: Request, index: int, tokens: list[int], generator: torch.Generator | None):
+    def __init__(self, request: Request, index: int, tokens: list[int], generator):
         self.request = request
         self.index = index  # sample index; -1 for the prompt prefix
         self.tokens = list(tokens)  # prompt + generated
         self.num_computed = 0  # tokens whose latent entries are in the cache
         self.block_table: list[int] = []
-        self.generator = generator
+        self.generator = generator  # sampler.UniformStream (or torch.Generator); None for a prompt prefix
         self.logprobs: list[float] = []
         self.routing: list[torch.Tensor] = []  # (tokens, n_moe, k) chunks covering [0, num_computed)
         self.finish_reason: str | None = None
@@ -172,7 +172,12 @@ class Scheduler:
                 break
             if s.status != "running" or s.remaining != 1:
                 continue  # preempted earlier in this loop, or a prefill that is waiting for blocks
-            if self._reserve(s, 1, copies, scheduled):
+            table, at = s.block_table, s.num_computed // self.blocks.block_size
+            if at < len(table) and self.blocks.ref[table[at]] == 1:  # its own block has room: nothing to reserve
+                chunks.append(Chunk(s, s.num_computed, 1))
+                scheduled.add(id(s))
+                budget -= 1
+            elif self._reserve(s, 1, copies, scheduled):
                 chunks.append(Chunk(s, s.num_computed, 1))
                 scheduled.add(id(s))
                 budget -= 1
@@ -212,7 +217,7 @@ class Scheduler:
         if routing is not None:
             chunk.seq.routing.append(routing)
 
-    def fork(self, prefix: Sequence, generators: list[torch.Generator]) -> list[Sequence]:
+    def fork(self, prefix: Sequence, generators: list) -> list[Sequence]:
         """Replace a computed prompt prefix by its n samples, all reading the prefix's blocks."""
         req = prefix.request
         samples = []

@@ -47,6 +47,10 @@ class AttentionWeights:
     o_bias: torch.Tensor | None
     w_uk: torch.Tensor  # (Hn, Dn, R), derived from kv_b_proj
     w_uv_t: torch.Tensor  # (Hn, R, Dv), derived from kv_b_proj
+    # The two projections of x, stacked so a decode step makes one matmul: [q_proj | kv_a_proj] (or
+    # [q_a_proj | kv_a_proj]) as rows of one (Q + R + Dr, H) matrix whose row slices are those tensors.
+    x_proj: torch.Tensor | None = None
+    x_proj_bias: torch.Tensor | None = None  # (Q + R + Dr,) when both parts have biases
 
 
 @dataclass
@@ -86,15 +90,22 @@ class ModelWeights:
         layers = []
         for i in range(c.num_hidden_layers):
             q_lora = c.q_lora_rank
+            q_rows = hn * dq if q_lora is None else q_lora
+            # q_proj has no bias, so with attention_bias only the LoRA form ([q_a | kv_a], both biased) stacks.
+            stacked = q_lora is not None or not ab
+            x_proj = t(q_rows + r + dr, h) if stacked else None
+            x_bias = t(q_rows + r + dr) if stacked and ab else None
+            q_part = x_proj[:q_rows] if stacked else t(q_rows, h)
             attn = AttentionWeights(
-                q_proj=t(hn * dq, h) if q_lora is None else None,
-                q_a_proj=t(q_lora, h) if q_lora is not None else None,
-                q_a_bias=t(q_lora) if q_lora is not None and ab else None,
+                q_proj=q_part if q_lora is None else None,
+                q_a_proj=q_part if q_lora is not None else None,
+                q_a_bias=x_bias[:q_lora] if x_bias is not None else (t(q_lora) if q_lora is not None and ab else None),
                 q_a_norm=t(q_lora) if q_lora is not None else None,
                 q_b_proj=t(hn * dq, q_lora) if q_lora is not None else None,
-                kv_a_proj=t(r + dr, h), kv_a_bias=t(r + dr) if ab else None, kv_a_norm=t(r),
+                kv_a_proj=x_proj[q_rows:] if stacked else t(r + dr, h),
+                kv_a_bias=x_bias[q_rows:] if x_bias is not None else (t(r + dr) if ab else None), kv_a_norm=t(r),
                 kv_b_proj=t(hn * (dn + dv), r), o_proj=t(h, hn * dv), o_bias=t(h) if ab else None,
-                w_uk=t(hn, dn, r), w_uv_t=t(hn, r, dv),
+                w_uk=t(hn, dn, r), w_uv_t=t(hn, r, dv), x_proj=x_proj, x_proj_bias=x_bias,
             )
             if i >= c.first_k_dense_replace:
                 e, im = c.n_routed_experts, c.moe_intermediate_size

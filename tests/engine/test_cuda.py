@@ -44,19 +44,26 @@ def test_cuda_bf16_graphs_match_fp32_scores(tiny):
     config = tiny.config(seed=3, **ALIGNED)
     model = tiny.model(config, seed=3)
     prompts = tiny.prompts(config.vocab_size, [5, 21, 12], seed=3)
-    engine = Engine.from_model(model, device="cuda", dtype=torch.bfloat16, block_size=4, use_tqdm=False)
-    assert engine.runner.moe_backend == "grouped" and engine.graphs is not None and engine.graphs.capture
-    sp = SamplingParams(n=3, temperature=1.0, max_tokens=10, seed=7, ignore_eos=True)
-    together = engine.generate(prompts, sp)
-    assert engine.graphs.graphs, "decode steps should have been captured"
-    assert _tokens(engine.generate(prompts, sp)) == _tokens(together)  # replays are deterministic
     ref = Engine.from_model(model, block_size=4, use_tqdm=False)  # fp32 on CPU
-    for i in range(3):
-        scored = ref.score(prompts, [o.outputs[i].token_ids for o in together])
-        for o, s in zip(together, scored):
-            # bf16 rounding alone moves this random model's log-probs by up to ~0.3 (the reference's too)
-            assert (torch.tensor(o.outputs[i].logprobs) - torch.tensor(s)).abs().max() < 0.3
-    assert engine.blocks.num_used == 0
+    sp = SamplingParams(n=3, temperature=1.0, max_tokens=10, seed=7, ignore_eos=True)
+    errors = {}
+    for kernels in ("triton", "torch"):
+        engine = Engine.from_model(model, device="cuda", dtype=torch.bfloat16, block_size=4, use_tqdm=False,
+                                   decode_kernels=kernels)
+        assert engine.graphs is not None and engine.graphs.capture
+        together = engine.generate(prompts, sp)
+        assert engine.graphs.graphs, "decode steps should have been captured"
+        assert _tokens(engine.generate(prompts, sp)) == _tokens(together)  # replays are deterministic
+        errs = []
+        for i in range(3):
+            scored = ref.score(prompts, [o.outputs[i].token_ids for o in together])
+            errs += [(torch.tensor(o.outputs[i].logprobs) - torch.tensor(s)).abs() for o, s in zip(together, scored)]
+        errors[kernels] = torch.cat(errs)
+        assert engine.blocks.num_used == 0
+    # bf16 rounding alone moves this random model's log-probs by tenths (the reference's own bf16 too): the fused
+    # kernels must stay within the torch decode path's noise.
+    assert errors["triton"].mean() < 1.5 * errors["torch"].mean() + 0.01
+    assert errors["triton"].max() < 0.6 and errors["torch"].max() < 0.6
 
 
 def test_cuda_graphs_survive_weight_swaps(tiny):

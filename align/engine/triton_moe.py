@@ -1,0 +1,311 @@
+"""Triton kernels for the routed experts of a decode step (CUDA only; imported when Triton is there).
+
+A decode step has few tokens, so the routed experts are memory-bound: what matters is that each expert the
+batch uses streams its weights once, in tiles spread over every multiprocessor, and that the step launches few
+kernels. Per MoE layer:
+
+  route       fp32 router probabilities -> top-k expert ids and weights (greedy or group-limited greedy)
+  place       a stable counting sort of the (token, expert) pairs by expert, one program per routing block
+              (each reads every block's per-expert counts from route): per expert its rows' start and count,
+              the list of experts in use, and each pair's row in the sorted order
+  gate_up     per (expert in use, column tile): gathered token rows x W_gate / W_up, act(gate) * up
+  down        per (expert in use, column tile): act rows x W_down, times the routing weight
+  combine     per token: sum of its k expert rows + shared experts + residual, then the next RMSNorm
+
+Rounding follows the torch path (``moe.experts_grouped``): matmul outputs are rounded to the activation dtype
+before the activation, the product and the routing weight are applied. No atomics: results are deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_ops import _rms_norm_store
+
+
+@triton.jit
+def _route_kernel(logits_ptr, idx_ptr, w_ptr, hist_ptr, n_tokens, n_experts, scaling,
+                  K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, N_GROUP: tl.constexpr,
+                  GROUP_SIZE: tl.constexpr, TOPK_GROUP: tl.constexpr, BLOCK_G: tl.constexpr):
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    e = tl.arange(0, BLOCK_E)
+    tmask = t < n_tokens
+    emask = e < n_experts
+    x = tl.load(logits_ptr + t[:, None] * n_experts + e[None, :], mask=tmask[:, None] & emask[None, :], other=0.0)
+    x = tl.where(emask[None, :], x, float("-inf"))
+    x = tl.exp(x - tl.max(x, axis=1)[:, None])
+    p = x / tl.sum(x, axis=1)[:, None]  # (T, E) softmax, as the reference routes in fp32
+    if N_GROUP > 1:
+        # Keep the TOPK_GROUP groups with the largest member score; the others' experts score 0.
+        gid = e // GROUP_SIZE
+        g = tl.arange(0, BLOCK_G)
+        gscore = tl.full([BLOCK_T, BLOCK_G], -1.0, tl.float32)
+        for gi in tl.static_range(N_GROUP):
+            best = tl.max(tl.where((gid == gi)[None, :] & emask[None, :], p, -1.0), axis=1)
+            gscore = tl.where(g[None, :] == gi, best[:, None], gscore)
+        keep = tl.zeros([BLOCK_T, BLOCK_E], tl.int32)
+        for _ in tl.static_range(TOPK_GROUP):
+            top = tl.max(gscore, axis=1)
+            pick = tl.min(tl.where(gscore == top[:, None], g[None, :], BLOCK_G), axis=1)  # (T,)
+            keep = tl.where(gid[None, :] == pick[:, None], 1, keep)
+            gscore = tl.where(g[None, :] == pick[:, None], -2.0, gscore)
+        p = tl.where(keep > 0, p, 0.0)
+    p = tl.where(emask[None, :], p, -1.0)
+    hist = tl.zeros([BLOCK_E], tl.int32)  # this block's pairs per expert, for the placement kernel
+    for j in tl.static_range(K):
+        top = tl.max(p, axis=1)
+        pick = tl.min(tl.where(p == top[:, None], e[None, :], BLOCK_E), axis=1)
+        tl.store(idx_ptr + t * K + j, pick, mask=tmask)
+        tl.store(w_ptr + t * K + j, top * scaling, mask=tmask)
+        p = tl.where(e[None, :] == pick[:, None], -1.0, p)
+        hist += tl.sum(((pick[:, None] == e[None, :]) & tmask[:, None]).to(tl.int32), axis=0)
+    tl.store(hist_ptr + tl.program_id(0) * n_experts + e, hist, mask=emask)
+
+
+@triton.jit
+def _place_kernel(idx_ptr, w_ptr, hist_ptr, n_assign, n_experts, n_blocks, counts_ptr, starts_ptr, active_ptr,
+                  n_active_ptr, sorted_tok_ptr, sorted_w_ptr, pos_ptr, K: tl.constexpr, PER_BLOCK: tl.constexpr,
+                  BLOCK_A: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Per block of PER_BLOCK (token, slot) pairs: their rows in the stable sort by expert."""
+    c = tl.program_id(0)
+    e = tl.arange(0, BLOCK_E)
+    emask = e < n_experts
+    blk = tl.arange(0, BLOCK_B)
+    hist = tl.load(hist_ptr + blk[:, None] * n_experts + e[None, :], mask=(blk < n_blocks)[:, None] & emask[None, :],
+                   other=0)  # (blocks, E) pairs per routing block and expert
+    counts = tl.sum(hist, axis=0)
+    starts = tl.cumsum(counts, axis=0) - counts
+    base = starts + tl.sum(tl.where((blk < c)[:, None], hist, 0), axis=0)  # first row of this block's pairs
+    if c == 0:
+        tl.store(counts_ptr + e, counts, mask=emask)
+        tl.store(starts_ptr + e, starts, mask=emask)
+        used = (counts > 0) & emask
+        tl.store(active_ptr + tl.cumsum(used.to(tl.int32), axis=0) - 1, e, mask=used)
+        tl.store(n_active_ptr, tl.sum(used.to(tl.int32), axis=0))
+    i = tl.arange(0, BLOCK_A)
+    a = c * PER_BLOCK + i
+    valid = (i < PER_BLOCK) & (a < n_assign)
+    ea = tl.load(idx_ptr + a, mask=valid, other=-1)
+    onehot = (ea[:, None] == e[None, :]).to(tl.int32)  # (A, E)
+    before = tl.cumsum(onehot, axis=0) - onehot  # same-expert pairs earlier in this block
+    pos = tl.sum(onehot * (before + base[None, :]), axis=1)  # (A,)
+    tl.store(pos_ptr + a, pos, mask=valid)
+    tl.store(sorted_tok_ptr + pos, a // K, mask=valid)
+    tl.store(sorted_w_ptr + pos, tl.load(w_ptr + a, mask=valid, other=0.0), mask=valid)
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, w_ptr, out_ptr, sorted_tok_ptr, starts_ptr, counts_ptr, active_ptr, n_active_ptr,
+                    hidden, inter, stride_xm, stride_we, stride_wn, stride_om,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    EVEN_K: tl.constexpr, PREC: tl.constexpr):
+    slot = tl.program_id(0)
+    if slot < tl.load(n_active_ptr):
+        e = tl.load(active_ptr + slot)
+        start = tl.load(starts_ptr + e)
+        count = tl.load(counts_ptr + e)
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = n < inter
+        kk = tl.arange(0, BLOCK_K)
+        wg_ptr = w_ptr + e.to(tl.int64) * stride_we + n[None, :] * stride_wn  # (1, N) rows of W_gate
+        wu_ptr = wg_ptr + inter * stride_wn  # W_up rows follow the gate rows
+        dt = out_ptr.dtype.element_ty
+        for m0 in range(0, count, BLOCK_M):
+            r = m0 + tl.arange(0, BLOCK_M)
+            rmask = r < count
+            tok = tl.load(sorted_tok_ptr + start + r, mask=rmask, other=0)
+            a_ptr = x_ptr + tok.to(tl.int64)[:, None] * stride_xm
+            acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for k0 in range(0, hidden, BLOCK_K):
+                k = k0 + kk
+                if EVEN_K:
+                    a = tl.load(a_ptr + k[None, :], mask=rmask[:, None], other=0.0)
+                    wg = tl.load(wg_ptr + k[:, None], mask=nmask[None, :], other=0.0)
+                    wu = tl.load(wu_ptr + k[:, None], mask=nmask[None, :], other=0.0)
+                else:
+                    kmask = k < hidden
+                    a = tl.load(a_ptr + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+                    wg = tl.load(wg_ptr + k[:, None], mask=nmask[None, :] & kmask[:, None], other=0.0)
+                    wu = tl.load(wu_ptr + k[:, None], mask=nmask[None, :] & kmask[:, None], other=0.0)
+                acc_g = tl.dot(a, wg, acc_g, input_precision=PREC)  # (M, K) x (K, N)
+                acc_u = tl.dot(a, wu, acc_u, input_precision=PREC)
+            gate = acc_g.to(dt).to(tl.float32)
+            up = acc_u.to(dt).to(tl.float32)
+            act = (gate * tl.sigmoid(gate)).to(dt).to(tl.float32)  # silu, rounded like F.silu's output
+            tl.store(out_ptr + (start + r)[:, None] * stride_om + n[None, :], (act * up).to(dt),
+                     mask=rmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _down_kernel(a_ptr, w_ptr, out_ptr, sorted_w_ptr, starts_ptr, counts_ptr, active_ptr, n_active_ptr,
+                 inter, hidden, stride_am, stride_we, stride_wn, stride_om,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 EVEN_K: tl.constexpr, PREC: tl.constexpr):
+    slot = tl.program_id(0)
+    if slot < tl.load(n_active_ptr):
+        e = tl.load(active_ptr + slot)
+        start = tl.load(starts_ptr + e)
+        count = tl.load(counts_ptr + e)
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = n < hidden
+        kk = tl.arange(0, BLOCK_K)
+        wd_ptr = w_ptr + e.to(tl.int64) * stride_we + n[None, :] * stride_wn
+        dt = out_ptr.dtype.element_ty
+        for m0 in range(0, count, BLOCK_M):
+            r = m0 + tl.arange(0, BLOCK_M)
+            rmask = r < count
+            row_ptr = a_ptr + (start + r).to(tl.int64)[:, None] * stride_am
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for k0 in range(0, inter, BLOCK_K):
+                k = k0 + kk
+                if EVEN_K:
+                    a = tl.load(row_ptr + k[None, :], mask=rmask[:, None], other=0.0)
+                    w = tl.load(wd_ptr + k[:, None], mask=nmask[None, :], other=0.0)
+                else:
+                    kmask = k < inter
+                    a = tl.load(row_ptr + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+                    w = tl.load(wd_ptr + k[:, None], mask=nmask[None, :] & kmask[:, None], other=0.0)
+                acc = tl.dot(a, w, acc, input_precision=PREC)
+            weight = tl.load(sorted_w_ptr + start + r, mask=rmask, other=0.0)  # (M,) fp32 routing weights
+            y = (acc.to(dt).to(tl.float32) * weight[:, None]).to(dt)
+            tl.store(out_ptr + (start + r)[:, None] * stride_om + n[None, :], y,
+                     mask=rmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _combine_kernel(y_ptr, pos_ptr, shared_ptr, h_ptr, norm_w_ptr, x_ptr, hidden, eps,
+                    K: tl.constexpr, BLOCK_H: tl.constexpr, HAS_SHARED: tl.constexpr):
+    t = tl.program_id(0)
+    c = tl.arange(0, BLOCK_H)
+    cm = c < hidden
+    dt = h_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK_H], tl.float32)
+    for j in tl.static_range(K):
+        row = tl.load(pos_ptr + t * K + j).to(tl.int64)
+        acc += tl.load(y_ptr + row * hidden + c, mask=cm, other=0.0).to(tl.float32)
+    out = acc.to(dt).to(tl.float32)
+    if HAS_SHARED:
+        out = (out + tl.load(shared_ptr + t * hidden + c, mask=cm, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
+    h = (tl.load(h_ptr + t * hidden + c, mask=cm, other=0.0).to(tl.float32) + out).to(dt)
+    tl.store(h_ptr + t * hidden + c, h, mask=cm)
+    _rms_norm_store(h.to(tl.float32), norm_w_ptr, x_ptr + t * hidden, c, cm, hidden, eps)
+
+
+@triton.jit
+def _weighted_sum_kernel(y_ptr, pos_ptr, w_ptr, out_ptr, hidden, K: tl.constexpr, BLOCK_H: tl.constexpr):
+    """out[t] = sum_j round(y[pos[t, j]] * w[t, j]): the torch path's weighting and rounding, summed in fp32."""
+    t = tl.program_id(0)
+    c = tl.arange(0, BLOCK_H)
+    cm = c < hidden
+    dt = out_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK_H], tl.float32)
+    for j in tl.static_range(K):
+        row = tl.load(pos_ptr + t * K + j).to(tl.int64)
+        w = tl.load(w_ptr + t * K + j)
+        acc += (tl.load(y_ptr + row * hidden + c, mask=cm, other=0.0).to(tl.float32) * w).to(dt).to(tl.float32)
+    tl.store(out_ptr + t * hidden + c, acc.to(dt), mask=cm)
+
+
+def weighted_sum(y: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """(N*k, H) unweighted expert rows in sorted order, pos (N, k) their rows, weights (N, k) -> (N, H)."""
+    n, k = pos.shape
+    hidden = y.shape[1]
+    out = torch.empty(n, hidden, dtype=y.dtype, device=y.device)
+    _weighted_sum_kernel[(n,)](y, pos, weights, out, hidden, K=k, BLOCK_H=triton.next_power_of_2(hidden),
+                               num_warps=4)
+    return out
+
+
+def _pow2(n: int, lo: int = 16) -> int:
+    return max(lo, triton.next_power_of_2(n))
+
+
+class MoEPlan:
+    """Device tensors of one layer's routing for ``n`` tokens (all shapes fixed by n, k, E: graph friendly)."""
+
+    def __init__(self, n: int, k: int, num_experts: int, device):
+        i32 = dict(dtype=torch.int32, device=device)
+        self.idx = torch.empty(n, k, **i32)  # (N, k) expert ids, router order
+        self.weights = torch.empty(n, k, dtype=torch.float32, device=device)  # (N, k) scaled probabilities
+        self.counts = torch.empty(num_experts, **i32)  # rows per expert
+        self.starts = torch.empty(num_experts, **i32)  # first sorted row per expert
+        self.active = torch.empty(num_experts, **i32)  # experts in use, first n_active entries valid
+        self.n_active = torch.empty(1, **i32)
+        self.sorted_tok = torch.empty(n * k, **i32)  # (N*k,) token of each sorted row
+        self.sorted_w = torch.empty(n * k, dtype=torch.float32, device=device)
+        self.pos = torch.empty(n, k, **i32)  # sorted row of each (token, slot)
+
+
+def route_and_plan(logits: torch.Tensor, routing) -> MoEPlan:
+    """(N, E) fp32 router logits -> the step's ``MoEPlan`` (softmax, top-k, counting sort)."""
+    n, num_e = logits.shape
+    k = routing.top_k
+    plan = MoEPlan(n, k, num_e, logits.device)
+    grouped = routing.method == "group_limited_greedy"
+    n_group = routing.n_group if grouped else 1
+    block_e = triton.next_power_of_2(num_e)
+    block_t = max(1, min(16, 4096 // block_e))  # tokens per routing block
+    n_blocks = triton.cdiv(n, block_t)
+    hist = torch.empty(n_blocks, num_e, dtype=torch.int32, device=logits.device)  # (blocks, E)
+    _route_kernel[(n_blocks,)](
+        logits, plan.idx, plan.weights, hist, n, num_e, routing.scaling, K=k, BLOCK_T=block_t, BLOCK_E=block_e,
+        N_GROUP=n_group, GROUP_SIZE=num_e // n_group, TOPK_GROUP=routing.topk_group if grouped else 1,
+        BLOCK_G=triton.next_power_of_2(n_group))
+    _place_kernel[(n_blocks,)](
+        plan.idx, plan.weights, hist, n * k, num_e, n_blocks, plan.counts, plan.starts, plan.active, plan.n_active,
+        plan.sorted_tok, plan.sorted_w, plan.pos, K=k, PER_BLOCK=block_t * k,
+        BLOCK_A=triton.next_power_of_2(block_t * k), BLOCK_E=block_e, BLOCK_B=triton.next_power_of_2(n_blocks))
+    return plan
+
+
+# Tile shapes of the expert matmuls (bf16/fp16; fp32 halves block_k). Measured on an H200, see BENCHMARKS.md.
+TILES = {"gate_up": dict(block_n=64, block_k=128, num_warps=4, num_stages=3),
+         "down": dict(block_n=64, block_k=128, num_warps=4, num_stages=3)}
+
+
+def _block_m(n: int, k: int, num_e: int) -> int:
+    """Rows per tile: enough that the typical expert needs one pass over its weights."""
+    avg = n * k / num_e
+    return 16 if avg <= 8 else 32 if avg <= 24 else 64
+
+
+def routed_experts(x: torch.Tensor, plan: MoEPlan, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """(N, H) tokens -> (N*k, H) expert outputs in sorted order, already scaled by the routing weights."""
+    n, hidden = x.shape
+    num_e, two_i, _ = gate_up.shape
+    inter = two_i // 2
+    k = plan.idx.shape[1]
+    slots = min(num_e, n * k)  # experts that can be in use
+    fp32 = x.dtype == torch.float32
+    prec = "ieee" if fp32 else "tf32"
+    bm = _block_m(n, k, num_e)
+    t1, t2 = TILES["gate_up"], TILES["down"]
+    act = torch.empty(n * k, inter, dtype=x.dtype, device=x.device)  # (N*k, I)
+    bn = min(t1["block_n"], _pow2(inter))
+    bk = min(t1["block_k"] // (2 if fp32 else 1), _pow2(hidden))
+    _gate_up_kernel[(slots, triton.cdiv(inter, bn))](
+        x, gate_up, act, plan.sorted_tok, plan.starts, plan.counts, plan.active, plan.n_active, hidden, inter,
+        x.stride(0), gate_up.stride(0), gate_up.stride(1), act.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        EVEN_K=hidden % bk == 0, PREC=prec, num_warps=t1["num_warps"], num_stages=t1["num_stages"])
+    y = torch.empty(n * k, hidden, dtype=x.dtype, device=x.device)  # (N*k, H)
+    bn = min(t2["block_n"], _pow2(hidden))
+    bk = min(t2["block_k"] // (2 if fp32 else 1), _pow2(inter))
+    _down_kernel[(slots, triton.cdiv(hidden, bn))](
+        act, down, y, plan.sorted_w, plan.starts, plan.counts, plan.active, plan.n_active, inter, hidden,
+        act.stride(0), down.stride(0), down.stride(1), y.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        EVEN_K=inter % bk == 0, PREC=prec, num_warps=t2["num_warps"], num_stages=t2["num_stages"])
+    return y
+
+
+def combine_add_norm(y: torch.Tensor, plan: MoEPlan, shared: torch.Tensor | None, h: torch.Tensor,
+                     norm_w: torch.Tensor, eps: float) -> torch.Tensor:
+    """h += sum of each token's k expert rows (+ shared experts), in place; returns RMSNorm(h) * norm_w."""
+    n, hidden = h.shape
+    x = torch.empty_like(h)
+    _combine_kernel[(n,)](y, plan.pos, shared if shared is not None else h, h, norm_w, x, hidden, eps,
+                          K=plan.idx.shape[1], BLOCK_H=triton.next_power_of_2(hidden),
+                          HAS_SHARED=shared is not None, num_warps=4)
+    return x
