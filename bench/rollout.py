@@ -6,7 +6,8 @@ prints the peak memory of each run and the fraction of the memory-bandwidth boun
 steps cannot avoid reading (all non-expert weights, the routed experts the batch is expected to touch under
 uniform routing, the latent cache) over the run's time (prefill included), against the device-to-device copy
 bandwidth measured at start (or ``--peak-gbps``). Each measured run follows a warm-up on the same prompts (the
-engine's a full one, so decode graphs are already captured; transformers' a 4-token one).
+engine's a full one, so decode graphs are already captured; transformers' a 4-token one); ``--repeats`` times the
+engine several times and reports the median.
 
 ``--grpo`` adds the GRPO-shaped case (``--grpo-prompts`` prompts x n=``--grpo-n`` samples, prompt
 ``--grpo-prompt-len``, ``--grpo-new-tokens`` new tokens, engine only) with its tok/s and the latent-cache bytes
@@ -17,7 +18,7 @@ one forward pass in the same dtype; on CUDA the same comparison with the fused d
 
     python bench/rollout.py                                   # tiny preset, CPU, fp32, batches 1 and 32
     python bench/rollout.py --preset lite --device cuda --dtype bfloat16 --prompt-len 128 --new-tokens 128 \
-        --batches 1 32 128 256 --grpo --parity 8
+        --batches 1 32 128 256 --repeats 3 --grpo --parity 8
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--peak-gbps", type=float, default=None,
                    help="memory bandwidth bound in GB/s (default: a device-to-device copy measured at start)")
     p.add_argument("--hf-max-batch", type=int, default=128, help="run transformers only up to this batch")
+    p.add_argument("--repeats", type=int, default=1, help="timed engine runs per batch; the median is reported")
     p.add_argument("--decode-kernels", default="auto", choices=["auto", "triton", "torch"])
     p.add_argument("--grpo", action="store_true", help="also run the GRPO-shaped case (engine only)")
     p.add_argument("--grpo-prompts", type=int, default=64)
@@ -216,10 +218,13 @@ def main(argv=None):
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
                 base = torch.cuda.memory_allocated(device)
-            t0 = time.perf_counter()
-            n = fn()
-            sync(device)
-            dt = time.perf_counter() - t0
+            times = []
+            for _ in range(args.repeats if name == "engine" else 1):
+                t0 = time.perf_counter()
+                n = fn()
+                sync(device)
+                times.append(time.perf_counter() - t0)
+            dt = sorted(times)[len(times) // 2]
             extra = {}
             if cuda:
                 peak = torch.cuda.max_memory_allocated(device)

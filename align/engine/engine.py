@@ -186,20 +186,31 @@ class Engine:
             raise RuntimeError(f"engine scheduler stalled: {len(sched.waiting)} waiting, {len(sched.running)} "
                                f"running, {self.blocks.num_free}/{self.blocks.num_blocks} blocks free")
         self.cache.copy_blocks(plan.copies)
-        record = any(c.seq.request.params.return_routing for c in plan.chunks)
-        if not plan.prefill and self.graphs is not None and self.graphs.fits(
-                len(plan.chunks), max(c.start + 1 for c in plan.chunks)):
-            logits, routing = self.graphs.run([c.seq.tokens[c.start] for c in plan.chunks],
-                                              [c.start for c in plan.chunks], [c.seq.block_table for c in plan.chunks])
+        chunks = plan.chunks
+        seqs = [c.seq for c in chunks]
+        record = any(s.request.params.return_routing for s in seqs)
+        if not plan.prefill and self.graphs is not None and self.graphs.fits(len(chunks),
+                                                                              max(c.start for c in chunks) + 1):
+            starts = [c.start for c in chunks]
+            logits, routing = self.graphs.run([s.tokens[i] for s, i in zip(seqs, starts)], starts,
+                                              [s.block_table for s in seqs])
         else:
-            logits, routing = self._forward(plan.chunks, record)
-        n_tokens = sum(c.length for c in plan.chunks)
+            logits, routing = self._forward(chunks, record)
         if plan.prefill:
             self.stats.prefill_steps += 1
-            self.stats.prefill_tokens += n_tokens
+            self.stats.prefill_tokens += sum(c.length for c in chunks)
         else:
             self.stats.decode_steps += 1
-            self.stats.decode_tokens += n_tokens
+            self.stats.decode_tokens += len(chunks)
+            if not record and all(s.index >= 0 for s in seqs):
+                # A decode step of samples (no prompt prefix finishing its prefill here): each completes and
+                # samples. The common case, kept lean because its Python runs between graph replays.
+                for s in seqs:
+                    s.num_computed += 1
+                tokens, logprobs = sample(logits, [s.request.params for s in seqs], [s.generator for s in seqs])
+                for s, tok, lp in zip(seqs, tokens, logprobs):
+                    self._append(sched, s, tok, lp)
+                return
 
         routing = routing.cpu() if (routing is not None and record) else None
         to_sample: list[tuple[Sequence, int]] = []
@@ -241,11 +252,12 @@ class Engine:
 
     def _append(self, sched: Scheduler, s: Sequence, token: int, logprob: float) -> None:
         p = s.request.params
-        s.tokens.append(token)
+        tokens = s.tokens
+        tokens.append(token)
         s.logprobs.append(logprob)
-        if (not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids:
+        if (not p.ignore_eos and token in self.eos_token_ids) or (p.stop_token_ids and token in p.stop_token_ids):
             sched.finish(s, "stop")
-        elif s.num_generated >= p.max_tokens or len(s.tokens) >= self.max_model_len:
+        elif len(tokens) - len(s.request.prompt) >= p.max_tokens or len(tokens) >= self.max_model_len:
             sched.finish(s, "length")
 
     def _output(self, req: Request) -> RequestOutput:

@@ -37,11 +37,16 @@ class DecodeGraphs:
         self.scratch_slot = scratch_block * self.block_size
         self.capture = capture
         b = self.max_batch
-        self.ids = torch.zeros(b, dtype=torch.long, device=device)
-        self.positions = torch.zeros(b, dtype=torch.long, device=device)
-        self.slots = torch.full((b,), self.scratch_slot, dtype=torch.long, device=device)
-        self.context_lens = torch.ones(b, dtype=torch.long, device=device)
+        # Token ids, positions, cache slots and context lengths: rows of one tensor, filled by one copy a step.
+        self.inputs = torch.zeros(4, b, dtype=torch.long, device=device)  # (4, B)
+        self.ids, self.positions, self.slots, self.context_lens = self.inputs.unbind(0)
+        self.slots.fill_(self.scratch_slot)
+        self.context_lens.fill_(1)
         self.tables = torch.zeros(b, self.max_blocks, dtype=torch.long, device=device)
+        # Host copy of the block tables; a row is rewritten only when its sequence's table changed (a new block
+        # every block_size tokens, or another sequence in that row), then all rows go over in one copy.
+        self.host_tables = torch.zeros(b, self.max_blocks, dtype=torch.long, pin_memory=capture)
+        self.host_rows: list[list[int]] = [[] for _ in range(b)]
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.pool = None
@@ -58,15 +63,23 @@ class DecodeGraphs:
         key = (bp, nb)
         bs = self.block_size
         slots = [t[p // bs] * bs + p % bs for t, p in zip(tables, positions)]
-        host = torch.tensor([t[:nb] + [0] * (nb - len(t[:nb])) for t in tables], dtype=torch.long)  # (B, nb)
-        # Padded rows: token 0 at position 0, written to the scratch slot, attending to one key.
+        # Padded rows: token 0 at position 0, written to the scratch slot, attending to one key of block 0.
         pad = bp - b
-        self.ids[:bp].copy_(torch.tensor(ids + [0] * pad), non_blocking=True)
-        self.positions[:bp].copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
-        self.slots[:bp].copy_(torch.tensor(slots + [self.scratch_slot] * pad), non_blocking=True)
-        self.context_lens[:bp].copy_(torch.tensor(ctx + [1] * pad), non_blocking=True)
-        self.tables[:b, :nb].copy_(host, non_blocking=True)
-        self.tables[b:bp, :nb].zero_()
+        rows = self.host_rows
+        for i, t in enumerate(tables):
+            if rows[i] != t:
+                row = t[:self.max_blocks]
+                self.host_tables[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+                rows[i] = list(t)
+        for i in range(b, bp):
+            if rows[i]:
+                self.host_tables[i].zero_()
+                rows[i] = []
+        # The host buffers are rewritten only after the step's results were read back, so the copies are done.
+        self.tables[:bp].copy_(self.host_tables[:bp], non_blocking=True)
+        packed = torch.tensor([ids + [0] * pad, positions + [0] * pad, slots + [self.scratch_slot] * pad,
+                               ctx + [1] * pad], dtype=torch.long)  # (4, Bp)
+        self.inputs[:, :bp].copy_(packed, non_blocking=True)
         if not self.capture:
             logits, routing = self._forward(bp, nb)
         else:

@@ -82,7 +82,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     if (rand is None and logits.is_cuda and first.top_p >= 1.0 and not 0 < first.top_k < vocab
             and _fast_rows() is not None):
         # Plain temperature sampling on CUDA: one fused kernel (triton_sample), same rule as below.
-        u = torch.tensor([_uniform(g) for g in generators], dtype=torch.float64).to(device, non_blocking=True)
+        draws = [g.next() if type(g) is UniformStream else _uniform(g) for g in generators]
+        u = torch.tensor(draws, dtype=torch.float64).to(device, non_blocking=True)
         tokens, logprobs = _fast_rows()(logits, u, first.temperature)
         both = torch.stack([tokens.double(), logprobs.double()]).cpu()  # one device -> host copy
         return both[0].long().tolist(), both[1].float().tolist()
