@@ -3,7 +3,7 @@
 A recipe lists reward specs ``{"name": ..., "weight": ..., **options}``; :func:`combine` turns them
 into the ``reward_funcs`` list and the ``reward_weights`` TRL's ``GRPOTrainer``/``GRPOConfig`` take.
 
-Names: ``math_accuracy``, ``code_tests``, ``format``, and ``learned:<path>`` (a learned reward
+Names: ``math_accuracy``, ``math_steps``, ``code_tests``, ``format``, and ``learned:<path>`` (a learned reward
 model, loaded by ``rewards.learned.load_reward_fn(path, **options)`` on first use).
 
 >>> fn = get_reward("code_tests", mode="all")
@@ -24,6 +24,7 @@ from collections.abc import Callable
 from rewards.code import MODES, code_tests
 from rewards.format import format_reward
 from rewards.math import math_accuracy
+from rewards.steps import step_reward
 
 __all__ = ["REWARDS", "get_reward", "combine", "RewardFn"]
 
@@ -33,6 +34,7 @@ REWARDS: dict[str, RewardFn] = {
     "math_accuracy": math_accuracy,
     "code_tests": code_tests,
     "format": format_reward,
+    "math_steps": step_reward,
 }
 LEARNED_PREFIX = "learned:"
 

@@ -76,7 +76,7 @@ def test_registry_names_options_and_errors():
     fn = get_reward("code_tests", mode="all", timeout_s=3)
     assert fn.__name__ == "code_tests" and fn.options == {"mode": "all", "timeout_s": 3}
     assert fn(["```python\ndef f():\n    return 1\n```"], tests=["assert f() == 1"], entry_point=["f"]) == [1.0]
-    with pytest.raises(ValueError, match="known rewards: code_tests, format, math_accuracy, learned:<path>"):
+    with pytest.raises(ValueError, match="known rewards: code_tests, format, math_accuracy, math_steps, learned:<path>"):
         get_reward("accuracy")
     with pytest.raises(ValueError, match="mode"):
         get_reward("code_tests", mode="most")
@@ -127,7 +127,7 @@ def test_learned_rewards_resolve_lazily(monkeypatch):
 
 
 @pytest.mark.parametrize("module", ["rewards", "rewards.math", "rewards.code", "rewards.sandbox",
-                                    "rewards.format", "rewards.registry"])
+                                    "rewards.format", "rewards.registry", "rewards.steps"])
 def test_doctests(module):
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.failed == 0
