@@ -17,8 +17,8 @@ one forward pass in the same dtype; on CUDA the same comparison with the fused d
 (the torch decode path) gives the size of the dtype's own noise.
 
     python bench/rollout.py                                   # tiny preset, CPU, fp32, batches 1 and 32
-    python bench/rollout.py --preset lite --device cuda --dtype bfloat16 --prompt-len 128 --new-tokens 128 \
-        --batches 1 32 128 256 --repeats 3 --grpo --parity 8
+    PYTHONPATH=. python bench/rollout.py --preset lite --device cuda --dtype bfloat16 --prompt-len 128 \
+        --new-tokens 128 --batches 1 32 128 256 --repeats 3 --grpo --parity 8
 """
 
 from __future__ import annotations
@@ -175,8 +175,9 @@ def run_grpo(args, engine: Engine, config, device, bw_gbps):
     print(f"\nGRPO-shaped: {args.grpo_prompts} prompts x n={args.grpo_n}, prompt {args.grpo_prompt_len}, "
           f"{args.grpo_new_tokens} new tokens: {n} tokens in {dt:.2f} s = {n / dt:.1f} tok/s; "
           f"{st.decode_steps} decode steps, {st.prefill_steps} prefill steps, {st.preemptions} preemptions; "
-          f"latent cache held at peak {st.peak_blocks_in_use} blocks = {st.peak_blocks_in_use * block_bytes / 2**30:.2f} "
-          f"GiB ({engine.kv_bytes_per_token()} B/token; pool {engine.cache.num_bytes() / 2**30:.1f} GiB); "
+          f"latent cache held at peak {st.peak_blocks_in_use} blocks = "
+          f"{st.peak_blocks_in_use * block_bytes / 2**30:.2f} GiB ({engine.kv_bytes_per_token()} B/token; "
+          f"pool {engine.cache.num_bytes() / 2**30:.1f} GiB); "
           f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
 
 

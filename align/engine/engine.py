@@ -34,8 +34,8 @@ class Engine:
     ``prefill_attention`` ('expanded' or 'absorbed'), ``moe_backend`` ('auto', 'grouped', 'loop'),
     ``decode_kernels`` ('auto': fused Triton kernels for decode steps on CUDA, see fused.py; 'triton'; 'torch'),
     ``cuda_graphs`` (replay decode steps from CUDA graphs; default on for CUDA with the fused decode kernels, or
-    in bf16/fp16 with grouped experts; on CPU, True runs the same padded decode path without graphs), ``cpu_threads`` (torch threads while
-    decoding on CPU; default 1, None leaves torch's setting).
+    in bf16/fp16 with grouped experts; on CPU, True runs the same padded decode path without graphs),
+    ``cpu_threads`` (torch threads while decoding on CPU; default 1, None leaves torch's setting).
     """
 
     def __init__(self, config, weights: ModelWeights, *, max_num_seqs: int = 64,
