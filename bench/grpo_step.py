@@ -34,8 +34,9 @@ def main(argv=None) -> None:
     p.add_argument("--recipe", default="recipes/tiny/grpo.yaml")
     p.add_argument("--sft", default="outputs/tiny/sft")
     p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--modes", nargs="+", default=["trl", "ray", "colocated"])
-    p.add_argument("overrides", nargs="*", help="extra key.sub=value recipe overrides")
+    p.add_argument("--modes", nargs="+", choices=["trl", "ray", "colocated"], default=["trl", "ray", "colocated"])
+    p.add_argument("overrides", nargs="*", help="extra key.sub=value recipe overrides (before --modes, which takes "
+                                               "every word after it)")
     args = p.parse_args(argv)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
