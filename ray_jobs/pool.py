@@ -169,7 +169,7 @@ class RolloutPool:
             now = time.monotonic()
             for slot in list(self.slots):        # hung workers are treated like dead ones
                 if any(now - t > self.timeout_s for _, t in slot.inflight.values()):
-                    pending.extend(i for _, (i, _) in slot.inflight.items())
+                    pending.extend(i for i, _ in slot.inflight.values())
                     self.stats.reissued_chunks += len(slot.inflight)
                     self._replace(slot, f"no answer in {self.timeout_s:.0f}s")
         records = sorted((r for chunk in done.values() for r in chunk), key=lambda r: r.group_id)

@@ -205,11 +205,9 @@ class Engine:
             if not record and all(s.index >= 0 for s in seqs):
                 # A decode step of samples (no prompt prefix finishing its prefill here): each completes and
                 # samples. The common case, kept lean because its Python runs between graph replays.
-                for s in seqs:
-                    s.num_computed += 1
-                tokens, logprobs = sample(logits, [s.request.params for s in seqs], [s.generator for s in seqs])
-                for s, tok, lp in zip(seqs, tokens, logprobs):
-                    self._append(sched, s, tok, lp)
+                for c in chunks:
+                    sched.computed(c, None)
+                self._sample(sched, seqs, logits)
                 return
 
         routing = routing.cpu() if (routing is not None and record) else None
@@ -232,8 +230,11 @@ class Engine:
             return
         picked = [r for _, r in to_sample]
         rows = logits if picked == list(range(logits.shape[0])) else logits[torch.tensor(picked, device=logits.device)]
-        seqs = [s for s, _ in to_sample]
-        tokens, logprobs = sample(rows, [s.request.params for s in seqs], [s.generator for s in seqs])
+        self._sample(sched, [s for s, _ in to_sample], rows)
+
+    def _sample(self, sched: Scheduler, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """One token for each of ``seqs`` from its row of ``logits`` (M, V), appended to the sequence."""
+        tokens, logprobs = sample(logits, [s.request.params for s in seqs], [s.generator for s in seqs])
         for s, tok, lp in zip(seqs, tokens, logprobs):
             self._append(sched, s, tok, lp)
 
@@ -252,12 +253,11 @@ class Engine:
 
     def _append(self, sched: Scheduler, s: Sequence, token: int, logprob: float) -> None:
         p = s.request.params
-        tokens = s.tokens
-        tokens.append(token)
+        s.tokens.append(token)
         s.logprobs.append(logprob)
         if (not p.ignore_eos and token in self.eos_token_ids) or (p.stop_token_ids and token in p.stop_token_ids):
             sched.finish(s, "stop")
-        elif len(tokens) - len(s.request.prompt) >= p.max_tokens or len(tokens) >= self.max_model_len:
+        elif s.num_generated >= p.max_tokens or len(s.tokens) >= self.max_model_len:
             sched.finish(s, "length")
 
     def _output(self, req: Request) -> RequestOutput:

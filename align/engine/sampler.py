@@ -82,11 +82,8 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     if (rand is None and logits.is_cuda and first.top_p >= 1.0 and not 0 < first.top_k < vocab
             and _fast_rows() is not None):
         # Plain temperature sampling on CUDA: one fused kernel (triton_sample), same rule as below.
-        draws = [g.next() if type(g) is UniformStream else _uniform(g) for g in generators]
-        u = torch.tensor(draws, dtype=torch.float64).to(device, non_blocking=True)
-        tokens, logprobs = _fast_rows()(logits, u, first.temperature)
-        both = torch.stack([tokens.double(), logprobs.double()]).cpu()  # one device -> host copy
-        return both[0].long().tolist(), both[1].float().tolist()
+        u = torch.tensor([_uniform(g) for g in generators], dtype=torch.float64).to(device, non_blocking=True)
+        return _to_host(*_fast_rows()(logits, u, first.temperature))
     if greedy is None:
         tokens = logits.argmax(dim=-1)
     elif greedy:
@@ -126,5 +123,10 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
         else:
             tokens[r_idx] = picked
     logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)
-    both = torch.stack([tokens.double(), logprobs.double()]).cpu()  # one device -> host copy
+    return _to_host(tokens, logprobs)
+
+
+def _to_host(tokens: torch.Tensor, logprobs: torch.Tensor) -> tuple[list[int], list[float]]:
+    """(M,) token ids and (M,) log-probs as Python lists, in one device -> host copy."""
+    both = torch.stack([tokens.double(), logprobs.double()]).cpu()
     return both[0].long().tolist(), both[1].float().tolist()

@@ -173,11 +173,8 @@ class Scheduler:
             if s.status != "running" or s.remaining != 1:
                 continue  # preempted earlier in this loop, or a prefill that is waiting for blocks
             table, at = s.block_table, s.num_computed // self.blocks.block_size
-            if at < len(table) and self.blocks.ref[table[at]] == 1:  # its own block has room: nothing to reserve
-                chunks.append(Chunk(s, s.num_computed, 1))
-                scheduled.add(id(s))
-                budget -= 1
-            elif self._reserve(s, 1, copies, scheduled):
+            has_room = at < len(table) and self.blocks.ref[table[at]] == 1  # its own block: nothing to reserve
+            if has_room or self._reserve(s, 1, copies, scheduled):
                 chunks.append(Chunk(s, s.num_computed, 1))
                 scheduled.add(id(s))
                 budget -= 1
