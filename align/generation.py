@@ -36,10 +36,13 @@ def sample(model, tokenizer, prompts: list[str], n: int, temperature: float, max
     ids = encode_prompts(tokenizer, prompts)
     if backend == "engine":
         from align.engine import SamplingParams
+        from align.engine.sampler import derive_seed
 
         engine = engine or make_engine(model)
-        params = SamplingParams(n=n, temperature=temperature, max_tokens=max_new_tokens, seed=seed,
-                                stop_token_ids=[tokenizer.eos_token_id])
+        # One seed per prompt: a shared seed would hand every prompt the same random numbers, so sample i of
+        # each prompt would fail or succeed together and pass@k would be far noisier than its sample count says.
+        params = [SamplingParams(n=n, temperature=temperature, max_tokens=max_new_tokens, seed=derive_seed(seed, i),
+                                 stop_token_ids=[tokenizer.eos_token_id]) for i in range(len(ids))]
         results = engine.generate(ids, params)
         return [[tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in r.outputs] for r in results]
     if backend != "hf":

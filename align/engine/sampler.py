@@ -74,7 +74,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     device = logits.device
     tokens = torch.empty(m, dtype=torch.long, device=device)
     first = params[0]
-    if all(p is first for p in params):  # one request's params (the usual case): no per-row tensors
+    if all(p is first or _same_rule(p, first) for p in params):  # one sampling rule (the usual case)
         greedy, rand = ([], None) if not first.greedy else (None, [])
     else:
         greedy = [i for i, p in enumerate(params) if p.greedy]
@@ -124,6 +124,10 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
             tokens[r_idx] = picked
     logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)
     return _to_host(tokens, logprobs)
+
+
+def _same_rule(a: SamplingParams, b: SamplingParams) -> bool:
+    return a.temperature == b.temperature and a.top_k == b.top_k and a.top_p == b.top_p
 
 
 def _to_host(tokens: torch.Tensor, logprobs: torch.Tensor) -> tuple[list[int], list[float]]:

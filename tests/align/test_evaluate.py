@@ -140,3 +140,22 @@ def test_align_eval_on_micro_sft_model_writes_results(micro_sft_dir, tmp_path, c
         assert res["pass_at_k"]["pass@1"] <= res["pass_at_k"]["pass@2"]
     md = (out / "eval.md").read_text()
     assert "| math | 4 |" in md and "| code | 4 |" in md and md in capsys.readouterr().out
+
+
+def test_sampling_gives_each_prompt_its_own_random_numbers():
+    """The same prompt twice in one call must not get the same samples: a shared seed would tie sample i of every
+    prompt together (all right or all wrong at once) and make pass@k far noisier than its sample count says."""
+    import torch
+
+    from align.generation import sample
+    from align.model import build_model, load_tokenizer
+    from .conftest import MICRO_MODEL, ROOT
+
+    tokenizer = load_tokenizer(str(ROOT / "data/tokenizer"))
+    model = build_model("tiny", None, tokenizer, torch.float32, 0, dict(MICRO_MODEL))   # random: high entropy
+    a, b = sample(model, tokenizer, ["What is 2 + 2?"] * 2, n=3, temperature=1.0, max_new_tokens=12, seed=5,
+                  progress=False)
+    assert a != b
+    again = sample(model, tokenizer, ["What is 2 + 2?"] * 2, n=3, temperature=1.0, max_new_tokens=12, seed=5,
+                   progress=False)
+    assert again == [a, b]   # still reproducible from the one seed
