@@ -9,7 +9,7 @@ if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD
 fi
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=2
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 GPU=${GPU:-"trainer.use_cpu=false trainer.report_to=[] trainer.disable_tqdm=true"}
 ROLL=${ROLL:-"rollout.mode=colocated rollout.device=cuda rollout.dtype=float32"}
 SFT_BUDGET=${SFT_BUDGET:-200}; GRPO_BUDGET=${GRPO_BUDGET:-300}
@@ -66,5 +66,15 @@ for p in sorted(pathlib.Path(sys.argv[1]).glob("*/metrics.json")):
             "train_runtime")
     print(p.parent.name, {k: round(m[k], 3) for k in keys if k in m})
 EOF
+# Every model scored again on the CPU (fp32 engine, independent seeds, 16 samples per problem), one footing for
+# all rows: $O/heldout.jsonl.  EXTRA_EVAL: more folders to score the same way (e.g. the starting SFT).
+if [ "${CPU_EVAL:-1}" = 1 ]; then
+  for d in "$W"/sft_* "$W"/grpo_* ${EXTRA_EVAL:-}; do
+    [ -f "$d/model.safetensors" ] || [ -f "$d/adapter_model.safetensors" ] || continue
+    OMP_NUM_THREADS=1 python3 bench/heldout.py "$d" --samples 16 --out "$O/heldout.jsonl" > /dev/null 2>&1 &
+  done
+  wait
+  cat "$O/heldout.jsonl" >> "$O/summary.txt"
+fi
 cd "$W" && tar czf "$O/sweep.tgz" --exclude='*.safetensors' --exclude='checkpoint-*' --exclude='*.bin' --exclude=runs .
 cat "$O/summary.txt"
