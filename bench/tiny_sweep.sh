@@ -4,7 +4,7 @@
 # step times are the CPU's business (bench/grpo_step.py). Results: $OUT/sweep.tgz (metrics + logs) and
 # $OUT/summary.txt.     bash bench/tiny_sweep.sh            (trl/datasets/math-verify carried as wheels in .whl/)
 set -u
-O=${OUT:-/tmp/sweep_out}; W=/tmp/sweep; mkdir -p "$O" "$W"
+O=${OUT:-/tmp/sweep_out}; W=/tmp/sweep; rm -rf "$W"; mkdir -p "$O" "$W"   # a fresh run folder per call
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD
