@@ -321,16 +321,28 @@ class GRPORun:
         if not self.state.is_main_process:
             return None
         model = load_trained(self.out, DTYPES[self.recipe.model.dtype])
-        start = {}
-        if self.recipe.model.path and (Path(self.recipe.model.path) / "metrics.json").exists():
-            prev = json.loads((Path(self.recipe.model.path) / "metrics.json").read_text())
-            start = {f"start_{k}": prev[k] for k in ("heldout_math_accuracy", "heldout_math_pass1") if k in prev}
-        metrics = {**train_metrics, **start,
+        metrics = {**train_metrics, **self._start_metrics(),
                    **heldout_math(model, self.tokenizer, self.recipe.eval, self.recipe.seed),
                    "recipe_sha256": self.loaded.sha256, "inherited": self.inherited,
                    "pool": dataclasses.asdict(self.backend.stats) if hasattr(self.backend, "stats") else {}}
         write_metrics(self.out, metrics)
         return metrics
+
+    def _start_metrics(self) -> dict:
+        """Held-out scores of the starting model: the upstream stage's when they were taken the same way (same
+        problems, samples, temperature, token budget and seed), else scored here, so before and after compare."""
+        if not self.recipe.model.path:
+            return {}
+        ev, start = self.recipe.eval, Path(self.recipe.model.path)
+        prev = json.loads((start / "metrics.json").read_text()) if (start / "metrics.json").exists() else {}
+        footing = {"heldout_math_samples": ev.samples, "heldout_math_temperature": ev.temperature,
+                   "heldout_math_max_new_tokens": ev.max_new_tokens, "heldout_math_seed": self.recipe.seed,
+                   "heldout_math_file": str(ev.heldout_math), "heldout_math_limit": ev.limit}
+        if not all(prev.get(k) == v for k, v in footing.items()):
+            log.info("scoring the starting model %s on held-out math (its own metrics were taken differently)", start)
+            prev = heldout_math(load_trained(start, DTYPES[self.recipe.model.dtype]), self.tokenizer, ev,
+                                self.recipe.seed)
+        return {f"start_{k}": prev[k] for k in ("heldout_math_accuracy", "heldout_math_pass1") if k in prev}
 
     def cleanup(self) -> None:
         if self.backend is not None:

@@ -39,6 +39,10 @@ def heldout_math(model, tokenizer, eval_cfg, seed: int, backend: str = "engine")
         "heldout_math_problems": len(rows),
         "heldout_math_samples": eval_cfg.samples,
         "heldout_math_temperature": eval_cfg.temperature,
+        "heldout_math_max_new_tokens": eval_cfg.max_new_tokens,
+        "heldout_math_seed": seed,
+        "heldout_math_file": str(eval_cfg.heldout_math),
+        "heldout_math_limit": eval_cfg.limit,
     }
     log.info("held-out math: greedy accuracy %.3f, pass@1 (T=%.2f, %d samples) %.3f over %d problems",
              out["heldout_math_accuracy"], eval_cfg.temperature, eval_cfg.samples, out["heldout_math_pass1"],

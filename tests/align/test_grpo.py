@@ -81,3 +81,33 @@ def test_driver_killed_then_resumed(tmp_path, micro_sft_dir):
     assert json.loads((out / "metrics.json").read_text())["global_step"] == 8
     steps = [e["step"] for e in _rollout_log(out)]
     assert steps[-(8 - killed_at):] == list(range(killed_at, 8))   # resumed at the checkpoint's step
+
+
+def test_starting_scores_are_reused_only_when_taken_the_same_way(tmp_path, micro_sft_dir):
+    """Before/after must compare like with like: the upstream stage's held-out scores are copied only when they
+    were taken on the same footing; otherwise the starting model is scored again."""
+    import shutil
+    from types import SimpleNamespace
+
+    from align.grpo import GRPORun
+    from align.metrics import heldout_math
+    from align.model import load_tokenizer
+    from align.recipe import EvalSection
+
+    start = tmp_path / "sft"
+    shutil.copytree(micro_sft_dir, start)
+    ev = EvalSection(heldout_math=str(ROOT / "data/math/heldout.jsonl"), limit=4, samples=2, max_new_tokens=8,
+                     batch_size=8)
+    run = SimpleNamespace(recipe=SimpleNamespace(model=SimpleNamespace(path=str(start), dtype="float32"), eval=ev,
+                                                 seed=0),
+                          tokenizer=load_tokenizer(str(start)))
+    fresh = heldout_math(load_trained(start), run.tokenizer, ev, 0)
+    same = {k: v for k, v in fresh.items() if k not in ("heldout_math_accuracy", "heldout_math_pass1")}
+    (start / "metrics.json").write_text(json.dumps({**same, "heldout_math_accuracy": 0.123,
+                                                    "heldout_math_pass1": 0.456}))
+    assert GRPORun._start_metrics(run) == {"start_heldout_math_accuracy": 0.123, "start_heldout_math_pass1": 0.456}
+    for changed in ({"heldout_math_samples": 4}, {"heldout_math_limit": None}, {"heldout_math_seed": 1}):
+        (start / "metrics.json").write_text(json.dumps({**same, **changed, "heldout_math_accuracy": 0.123,
+                                                        "heldout_math_pass1": 0.456}))
+        assert GRPORun._start_metrics(run) == {"start_heldout_math_accuracy": fresh["heldout_math_accuracy"],
+                                               "start_heldout_math_pass1": fresh["heldout_math_pass1"]}
