@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")   # the CPU engine, fp32: no bf16 rounding in the comparison
+os.environ["CUDA_VISIBLE_DEVICES"] = ""   # always the CPU engine in fp32: no bf16 rounding in the comparison
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from align.checkpoint import load_trained  # noqa: E402
