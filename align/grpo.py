@@ -25,7 +25,7 @@ from align import recipe as recipes
 from align.chat import prompt_messages
 from align.checkpoint import DTYPES, load_base, load_trained
 from align.data import load_rows
-from align.metrics import heldout_math, write_metrics
+from align.metrics import heldout_footing, heldout_math, write_metrics
 from align.model import load_tokenizer
 from align.recipe import DataSource, EvalSection, ModelSection, PeftSection
 from align.rollout import ColocatedRollout, policy_state_dict
@@ -335,10 +335,7 @@ class GRPORun:
             return {}
         ev, start = self.recipe.eval, Path(self.recipe.model.path)
         prev = json.loads((start / "metrics.json").read_text()) if (start / "metrics.json").exists() else {}
-        footing = {"heldout_math_samples": ev.samples, "heldout_math_temperature": ev.temperature,
-                   "heldout_math_max_new_tokens": ev.max_new_tokens, "heldout_math_seed": self.recipe.seed,
-                   "heldout_math_file": str(ev.heldout_math), "heldout_math_limit": ev.limit}
-        if not all(prev.get(k) == v for k, v in footing.items()):
+        if not all(prev.get(k) == v for k, v in heldout_footing(ev, self.recipe.seed).items()):
             log.info("scoring the starting model %s on held-out math (its own metrics were taken differently)", start)
             prev = heldout_math(load_trained(start, DTYPES[self.recipe.model.dtype]), self.tokenizer, ev,
                                 self.recipe.seed)

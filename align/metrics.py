@@ -37,17 +37,25 @@ def heldout_math(model, tokenizer, eval_cfg, seed: int, backend: str = "engine")
         "heldout_math_accuracy": _mean(greedy_scores),
         "heldout_math_pass1": _mean(sampled_scores),
         "heldout_math_problems": len(rows),
-        "heldout_math_samples": eval_cfg.samples,
-        "heldout_math_temperature": eval_cfg.temperature,
-        "heldout_math_max_new_tokens": eval_cfg.max_new_tokens,
-        "heldout_math_seed": seed,
-        "heldout_math_file": str(eval_cfg.heldout_math),
-        "heldout_math_limit": eval_cfg.limit,
+        **heldout_footing(eval_cfg, seed),
     }
     log.info("held-out math: greedy accuracy %.3f, pass@1 (T=%.2f, %d samples) %.3f over %d problems",
              out["heldout_math_accuracy"], eval_cfg.temperature, eval_cfg.samples, out["heldout_math_pass1"],
              len(rows))
     return out
+
+
+def heldout_footing(eval_cfg, seed: int) -> dict:
+    """How held-out scores are taken (problems, samples, temperature, token budget, seed): two runs' scores compare
+    only when these match. Recorded in ``metrics.json`` next to the scores."""
+    return {
+        "heldout_math_file": str(eval_cfg.heldout_math),
+        "heldout_math_limit": eval_cfg.limit,
+        "heldout_math_samples": eval_cfg.samples,
+        "heldout_math_temperature": eval_cfg.temperature,
+        "heldout_math_max_new_tokens": eval_cfg.max_new_tokens,
+        "heldout_math_seed": seed,
+    }
 
 
 def _mean(scores: list[float | None]) -> float:
