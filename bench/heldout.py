@@ -30,6 +30,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--out", help="append one JSON line per checkpoint and seed")
     args = ap.parse_args(argv)
+    for path in args.checkpoints:   # all checked before any scoring starts
+        if not any((Path(path) / name).is_file() for name in ("config.json", "adapter_config.json")):
+            ap.error(f"{path}: not a checkpoint folder (no config.json or adapter_config.json)")
+    if not Path(args.data).is_file():
+        ap.error(f"--data {args.data}: no such file")
     cfg = EvalSection(heldout_math=args.data, max_new_tokens=args.max_new_tokens, samples=args.samples,
                       temperature=1.0, batch_size=100)
     for path in args.checkpoints:
