@@ -14,7 +14,8 @@ engine several times and reports the median.
 its sequences held at the peak. ``--parity N`` samples N completions with the engine and reports the mean and
 max |engine - transformers| log-probability of the sampled tokens, transformers scoring the same sequences in
 one forward pass in the same dtype; on CUDA the same comparison with the fused decode kernels switched off
-(the torch decode path) gives the size of the dtype's own noise.
+(the torch decode path) gives the size of the dtype's own noise. ``--compare-lookahead`` adds rows (and a GRPO
+line) for the same engine with its decode look-ahead switched off.
 
     python bench/rollout.py                                   # tiny preset, CPU, fp32, batches 1 and 32
     PYTHONPATH=. python bench/rollout.py --preset lite --device cuda --dtype bfloat16 --prompt-len 128 \
@@ -54,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--hf-max-batch", type=int, default=128, help="run transformers only up to this batch")
     p.add_argument("--repeats", type=int, default=1, help="timed engine runs per batch; the median is reported")
     p.add_argument("--decode-kernels", default="auto", choices=["auto", "triton", "torch"])
+    p.add_argument("--compare-lookahead", action="store_true",
+                   help="also time the engine with its decode look-ahead off (same engine, same prompts)")
     p.add_argument("--grpo", action="store_true", help="also run the GRPO-shaped case (engine only)")
     p.add_argument("--grpo-prompts", type=int, default=64)
     p.add_argument("--grpo-n", type=int, default=8)
@@ -174,7 +177,8 @@ def run_grpo(args, engine: Engine, config, device, bw_gbps):
     block_bytes = engine.kv_bytes_per_token() * engine.blocks.block_size
     print(f"\nGRPO-shaped: {args.grpo_prompts} prompts x n={args.grpo_n}, prompt {args.grpo_prompt_len}, "
           f"{args.grpo_new_tokens} new tokens: {n} tokens in {dt:.2f} s = {n / dt:.1f} tok/s; "
-          f"{st.decode_steps} decode steps, {st.prefill_steps} prefill steps, {st.preemptions} preemptions; "
+          f"{st.decode_steps} decode steps ({st.lookahead_steps} queued by look-ahead), {st.prefill_steps} "
+          f"prefill steps, {st.preemptions} preemptions; "
           f"latent cache held at peak {st.peak_blocks_in_use} blocks = "
           f"{st.peak_blocks_in_use * block_bytes / 2**30:.2f} GiB ({engine.kv_bytes_per_token()} B/token; "
           f"pool {engine.cache.num_bytes() / 2**30:.1f} GiB); "
@@ -208,10 +212,13 @@ def main(argv=None):
         prompts = torch.randint(0, config.vocab_size, (batch, args.prompt_len), generator=g).tolist()
         results = {}
         impls = [("engine", lambda: run_engine(engine, prompts, args.new_tokens, device))]
+        if args.compare_lookahead:
+            impls.append(("engine, no look-ahead", lambda: run_engine(engine, prompts, args.new_tokens, device)))
         if not args.skip_hf and batch <= args.hf_max_batch:
             impls.append(("transformers generate", lambda: run_hf(model, prompts, args.new_tokens, device)))
         for name, fn in impls:
-            if name == "engine":
+            engine.lookahead = engine.graphs is not None and name != "engine, no look-ahead"
+            if name.startswith("engine"):
                 fn()  # a full warm-up run: CUDA graphs are captured once per shape bucket, then replayed
             else:
                 run_hf(model, prompts, 4, device)
@@ -234,11 +241,12 @@ def main(argv=None):
             results[name] = (dt, n, extra)
         hf = results.get("transformers generate")
         for name, (dt, n, extra) in results.items():
-            speed = f"{hf[0] / dt:.2f}x" if (hf and name == "engine") else ""
+            speed = f"{hf[0] / dt:.2f}x" if (hf and name.startswith("engine")) else ""
             row = [name, batch, args.prompt_len, args.new_tokens, f"{dt:.2f}", f"{n / dt:.1f}", speed]
             if cuda:
                 row += [f"{extra['peak']:.2f}", f"{extra['extra']:.2f}", f"{extra['bw']:.3f}"]
             rows.append(row)
+    engine.lookahead = engine.graphs is not None
     fused = engine.runner.fused is not None
     print(f"\npreset {args.preset} (vocab {config.vocab_size}), {args.dtype} on {device}, random weights, "
           f"temperature 1, EOS ignored; engine KV {engine.kv_bytes_per_token()} B/token, "
@@ -264,6 +272,11 @@ def main(argv=None):
         if not cuda:
             raise SystemExit("--grpo is a GPU benchmark")
         run_grpo(args, engine, config, device, bw)
+        if args.compare_lookahead:
+            engine.lookahead = False
+            print("same, look-ahead off:", end="")
+            run_grpo(args, engine, config, device, bw)
+            engine.lookahead = engine.graphs is not None
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterable, Mapping, Sequence as Seq
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,13 +15,22 @@ from .cache import BlockManager, LatentCache, kv_bytes_per_token
 from .graphs import DecodeGraphs
 from .params import CompletionOutput, RequestOutput, SamplingParams
 from .runner import ModelRunner
-from .sampler import UniformStream, make_generator, sample
+from .sampler import UniformStream, make_generator, sample, sample_on_device, to_host
 from .scheduler import Chunk, EngineStats, Request, Scheduler, Sequence
 from .weights import ModelWeights
 
 log = logging.getLogger(__name__)
 
 _CPU_DEFAULT_CACHE_BYTES = 1 << 30
+
+
+@dataclass
+class _Pending:
+    """A decode step queued on the device: its sequences, and their sampled tokens / log-probs (device)."""
+
+    seqs: list[Sequence]
+    tokens: torch.Tensor  # (B,) int64
+    logprobs: torch.Tensor  # (B,) fp32
 
 
 class Engine:
@@ -35,7 +45,9 @@ class Engine:
     ``decode_kernels`` ('auto': fused Triton kernels for decode steps on CUDA, see fused.py; 'triton'; 'torch'),
     ``cuda_graphs`` (replay decode steps from CUDA graphs; default on for CUDA with the fused decode kernels, or
     in bf16/fp16 with grouped experts; on CPU, True runs the same padded decode path without graphs),
-    ``cpu_threads`` (torch threads while decoding on CPU; default 1, None leaves torch's setting).
+    ``lookahead`` (with ``cuda_graphs``: queue each decode step before the host has read the one before, see
+    ``_decode_ahead``; default on), ``cpu_threads`` (torch threads while decoding on CPU; default 1, None leaves
+    torch's setting).
     """
 
     def __init__(self, config, weights: ModelWeights, *, max_num_seqs: int = 64,
@@ -43,7 +55,8 @@ class Engine:
                  kv_cache_bytes: int | None = None, kv_cache_memory_fraction: float = 0.4,
                  max_model_len: int | None = None, eos_token_id: int | list[int] | None = None, seed: int | None = 0,
                  use_tqdm: bool = True, prefill_attention: str = "expanded", moe_backend: str = "auto",
-                 decode_kernels: str = "auto", cuda_graphs: bool | None = None, cpu_threads: int | None = 1):
+                 decode_kernels: str = "auto", cuda_graphs: bool | None = None, lookahead: bool = True,
+                 cpu_threads: int | None = 1):
         if max_num_seqs < 1 or max_num_batched_tokens < 1 or block_size < 1:
             raise ValueError("max_num_seqs, max_num_batched_tokens and block_size must be positive")
         self.config = config
@@ -93,6 +106,7 @@ class Engine:
             raise ValueError("cuda_graphs needs moe_backend='grouped' (the loop backend syncs with the host)")
         self.graphs = DecodeGraphs(self.runner, max_num_seqs, -(-self.max_model_len // block_size),
                                    scratch_block=num_blocks, capture=on_cuda) if cuda_graphs else None
+        self.lookahead = lookahead and self.graphs is not None
         log.info("engine: %d cache blocks x %d tokens (%.1f MiB, %d B/token), weights %.1f MiB on %s",
                  num_blocks, block_size, self.cache.num_bytes() / 2**20, per_token, weights.num_bytes() / 2**20,
                  self.device)
@@ -161,8 +175,14 @@ class Engine:
             sched.add(requests[-1])
         show = self.use_tqdm if use_tqdm is None else use_tqdm
         with tqdm(total=len(requests), desc="generate", unit="prompt", disable=not show) as bar, self._threads():
-            while sched.has_unfinished():
-                self._step(sched)
+            pending = None  # a decode step on the device whose tokens the host has not read yet
+            while pending is not None or sched.has_unfinished():
+                if pending is None:
+                    pending = self._step(sched)
+                else:
+                    ahead = self._decode_ahead(sched, pending)
+                    self._read(sched, pending)
+                    pending = ahead
                 bar.update(sched.finished_requests - bar.n)
         return [self._output(r) for r in requests]
 
@@ -180,7 +200,8 @@ class Engine:
         finally:
             torch.set_num_threads(before)
 
-    def _step(self, sched: Scheduler) -> None:
+    def _step(self, sched: Scheduler) -> _Pending | None:
+        """Plan and run one step; a lean decode step under look-ahead is returned unread, else None."""
         plan = sched.schedule()
         if plan is None:
             raise RuntimeError(f"engine scheduler stalled: {len(sched.waiting)} waiting, {len(sched.running)} "
@@ -207,8 +228,11 @@ class Engine:
                 # samples. The common case, kept lean because its Python runs between graph replays.
                 for c in chunks:
                     sched.computed(c, None)
-                self._sample(sched, seqs, logits)
-                return
+                pending = self._sample_later(seqs, logits)
+                if self.lookahead:
+                    return pending
+                self._read(sched, pending)
+                return None
 
         routing = routing.cpu() if (routing is not None and record) else None
         to_sample: list[tuple[Sequence, int]] = []
@@ -227,16 +251,75 @@ class Engine:
                 to_sample.append((c.seq, row))
             row += 1
         if not to_sample:
-            return
+            return None
         picked = [r for _, r in to_sample]
         rows = logits if picked == list(range(logits.shape[0])) else logits[torch.tensor(picked, device=logits.device)]
-        self._sample(sched, [s for s, _ in to_sample], rows)
-
-    def _sample(self, sched: Scheduler, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        """One token for each of ``seqs`` from its row of ``logits`` (M, V), appended to the sequence."""
-        tokens, logprobs = sample(logits, [s.request.params for s in seqs], [s.generator for s in seqs])
+        seqs = [s for s, _ in to_sample]
+        tokens, logprobs = sample(rows, [s.request.params for s in seqs], [s.generator for s in seqs])
         for s, tok, lp in zip(seqs, tokens, logprobs):
             self._append(sched, s, tok, lp)
+        return None
+
+    def _sample_later(self, seqs: list[Sequence], logits: torch.Tensor) -> _Pending:
+        """Queue the sampling of one token for each of ``seqs`` from its row of ``logits`` (M, V)."""
+        tokens, logprobs = sample_on_device(logits, [s.request.params for s in seqs], [s.generator for s in seqs])
+        return _Pending(seqs, tokens, logprobs)
+
+    def _read(self, sched: Scheduler, pending: _Pending) -> None:
+        """Append a queued step's tokens; rows of sequences that finished meanwhile are dropped."""
+        tokens, logprobs = to_host(pending.tokens, pending.logprobs)
+        for s, tok, lp in zip(pending.seqs, tokens, logprobs):
+            if s.status == "running":
+                self._append(sched, s, tok, lp)
+
+    def _decode_ahead(self, sched: Scheduler, pending: _Pending) -> _Pending | None:
+        """Queue the next decode step of ``pending``'s sequences before reading ``pending``, or None.
+
+        The next step's input tokens are ``pending``'s sampled tokens, still on the device, so the host's work
+        (reading tokens, stop checks, scheduling, building inputs) overlaps the device's step instead of
+        leaving it idle between steps. It runs only where the scheduler would plan exactly that step: nothing
+        waiting or prefilling, and every sequence writing its next entry into a block it owns alone (already
+        there, or a free one; no copy-on-write, no preemption). A sequence that stops on ``pending``'s token
+        has computed one wasted row, dropped when read, whose cache entry lies past its end in a block it owned
+        (and frees): no sequence's tokens change. (Log-probabilities can move in the last float bit or so: the
+        extra rows can put a step in a larger padded batch, and matmuls are not bitwise batch-invariant.)
+        """
+        if not self.lookahead or sched.waiting:
+            return None
+        live = [s for s in pending.seqs if s.status == "running"]  # the others stopped a step ago
+        if len(live) != len(sched.running) or any(s is not r for s, r in zip(live, sched.running)):
+            return None
+        # Rows whose pending token is their last by length are left out: they stop whatever it is.
+        keep = [i for i, s in enumerate(pending.seqs) if s.status == "running"
+                and s.num_generated + 1 < s.request.params.max_tokens and len(s.tokens) + 1 < self.max_model_len]
+        if not keep:
+            return None
+        seqs = [pending.seqs[i] for i in keep]
+        bs, ref = self.blocks.block_size, self.blocks.ref
+        positions = [s.num_computed for s in seqs]  # the position of the token being sampled by ``pending``
+        grow = []  # sequences whose next entry starts a new block
+        for s, p in zip(seqs, positions):
+            at = p // bs
+            if at >= len(s.block_table):
+                grow.append((s, p))
+            elif ref[s.block_table[at]] != 1:
+                return None
+        if len(grow) > self.blocks.num_free or not self.graphs.fits(len(seqs), max(positions) + 1):
+            return None
+        copies: list[tuple[int, int]] = []  # stays empty: no block written here is shared
+        for s, p in grow:
+            self.blocks.reserve(s.block_table, p, 1, copies)
+        ids = pending.tokens
+        if len(keep) < len(pending.seqs):
+            ids = ids[torch.tensor(keep).to(ids.device, non_blocking=True)]
+        logits, _ = self.graphs.run(ids, positions, [s.block_table for s in seqs])
+        for s in seqs:
+            s.num_computed += 1
+        self.stats.decode_steps += 1
+        self.stats.lookahead_steps += 1
+        self.stats.decode_tokens += len(seqs)
+        self.stats.peak_blocks_in_use = max(self.stats.peak_blocks_in_use, self.blocks.peak_used)
+        return self._sample_later(seqs, logits)
 
     def _forward(self, chunks: list[Chunk], record_routing: bool):
         ids, rows, offset = [], [], 0

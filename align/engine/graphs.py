@@ -43,10 +43,13 @@ class DecodeGraphs:
         self.slots.fill_(self.scratch_slot)
         self.context_lens.fill_(1)
         self.tables = torch.zeros(b, self.max_blocks, dtype=torch.long, device=device)
-        # Host copy of the block tables; a row is rewritten only when its sequence's table changed (a new block
-        # every block_size tokens, or another sequence in that row), then all rows go over in one copy.
-        self.host_tables = torch.zeros(b, self.max_blocks, dtype=torch.long, pin_memory=capture)
-        self.host_rows: list[list[int]] = [[] for _ in range(b)]
+        # Host copies of the block tables; a row is rewritten only when its sequence's table changed (a new block
+        # every block_size tokens, or another sequence in that row), then all rows go over in one copy. Two
+        # copies, used in turn: with the engine's look-ahead a step is queued while the one before it is still
+        # on the device, so a buffer is rewritten only once the step before last, its last reader, has finished.
+        self.host_tables = [torch.zeros(b, self.max_blocks, dtype=torch.long, pin_memory=capture) for _ in range(2)]
+        self.host_rows: list[list[list[int]]] = [[[] for _ in range(b)] for _ in range(2)]
+        self.turn = 0
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.pool = None
@@ -54,9 +57,12 @@ class DecodeGraphs:
     def fits(self, num_seqs: int, max_context: int) -> bool:
         return num_seqs <= self.max_batch and -(-max_context // self.block_size) <= self.max_blocks
 
-    def run(self, ids: list[int], positions: list[int], tables: list[list[int]]):
-        """One decode step; returns fp32 logits (B, V) and routed experts (B, n_moe, k) (or None)."""
-        b = len(ids)
+    def run(self, ids: list[int] | torch.Tensor, positions: list[int], tables: list[list[int]]):
+        """One decode step; returns fp32 logits (B, V) and routed experts (B, n_moe, k) (or None).
+
+        ``ids`` may be a (B,) device tensor (the previous step's sampled tokens, not yet read by the host).
+        """
+        b = len(positions)
         ctx = [p + 1 for p in positions]
         nb = _next_pow2(-(-max(ctx) // self.block_size))
         bp = _next_pow2(b)
@@ -65,21 +71,24 @@ class DecodeGraphs:
         slots = [t[p // bs] * bs + p % bs for t, p in zip(tables, positions)]
         # Padded rows: token 0 at position 0, written to the scratch slot, attending to one key of block 0.
         pad = bp - b
-        rows = self.host_rows
+        rows, host = self.host_rows[self.turn], self.host_tables[self.turn]
+        self.turn ^= 1
         for i, t in enumerate(tables):
             if rows[i] != t:
                 row = t[:self.max_blocks]
-                self.host_tables[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+                host[i, :len(row)] = torch.tensor(row, dtype=torch.long)
                 rows[i] = list(t)
         for i in range(b, bp):
             if rows[i]:
-                self.host_tables[i].zero_()
+                host[i].zero_()
                 rows[i] = []
-        # The host buffers are rewritten only after the step's results were read back, so the copies are done.
-        self.tables[:bp].copy_(self.host_tables[:bp], non_blocking=True)
-        packed = torch.tensor([ids + [0] * pad, positions + [0] * pad, slots + [self.scratch_slot] * pad,
-                               ctx + [1] * pad], dtype=torch.long)  # (4, Bp)
-        self.inputs[:, :bp].copy_(packed, non_blocking=True)
+        self.tables[:bp].copy_(host[:bp], non_blocking=True)
+        on_device = isinstance(ids, torch.Tensor)
+        packed = torch.tensor([([0] * b if on_device else ids) + [0] * pad, positions + [0] * pad,
+                               slots + [self.scratch_slot] * pad, ctx + [1] * pad], dtype=torch.long)  # (4, Bp)
+        self.inputs[:, :bp].copy_(packed, non_blocking=True)  # pageable source: staged before this returns
+        if on_device:
+            self.ids[:b].copy_(ids)
         if not self.capture:
             logits, routing = self._forward(bp, nb)
         else:

@@ -70,6 +70,14 @@ def _uniform(g: torch.Generator | UniformStream) -> float:
 def sample(logits: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator | UniformStream]) -> tuple[list[int], list[float]]:
     """(M, V) fp32 logits, one row per sequence -> sampled token ids and their raw log-probabilities."""
+    return to_host(*sample_on_device(logits, params, generators))
+
+
+def sample_on_device(logits: torch.Tensor, params: list[SamplingParams],
+                     generators: list[torch.Generator | UniformStream]) -> tuple[torch.Tensor, torch.Tensor]:
+    """As ``sample``, but the (M,) int64 tokens and (M,) fp32 log-probabilities stay on the logits' device:
+    each generator's draw is taken now, and nothing waits for the device (plain temperature or greedy
+    sampling; top-k / top-p copy their settings over with a wait)."""
     m, vocab = logits.shape
     device = logits.device
     tokens = torch.empty(m, dtype=torch.long, device=device)
@@ -83,7 +91,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
             and _fast_rows() is not None):
         # Plain temperature sampling on CUDA: one fused kernel (triton_sample), same rule as below.
         u = torch.tensor([_uniform(g) for g in generators], dtype=torch.float64).to(device, non_blocking=True)
-        return _to_host(*_fast_rows()(logits, u, first.temperature))
+        return _fast_rows()(logits, u, first.temperature)
     if greedy is None:
         tokens = logits.argmax(dim=-1)
     elif greedy:
@@ -123,14 +131,14 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
         else:
             tokens[r_idx] = picked
     logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)
-    return _to_host(tokens, logprobs)
+    return tokens, logprobs
 
 
 def _same_rule(a: SamplingParams, b: SamplingParams) -> bool:
     return a.temperature == b.temperature and a.top_k == b.top_k and a.top_p == b.top_p
 
 
-def _to_host(tokens: torch.Tensor, logprobs: torch.Tensor) -> tuple[list[int], list[float]]:
+def to_host(tokens: torch.Tensor, logprobs: torch.Tensor) -> tuple[list[int], list[float]]:
     """(M,) token ids and (M,) log-probs as Python lists, in one device -> host copy."""
     both = torch.stack([tokens.double(), logprobs.double()]).cpu()
     return both[0].long().tolist(), both[1].float().tolist()

@@ -29,6 +29,7 @@ class EngineStats:
     prefill_steps: int = 0
     decode_tokens: int = 0
     decode_steps: int = 0
+    lookahead_steps: int = 0  # decode steps queued before the host had read the step before (engine look-ahead)
     preemptions: int = 0
     cow_copies: int = 0  # blocks copied because a sample wrote into a block it shared
     peak_blocks_in_use: int = 0

@@ -59,3 +59,34 @@ def test_padded_static_decode_path(small_model, tiny):
         assert static.blocks.num_used == 0
     for p, o in zip(prompts, static.generate(prompts, greedy)):
         assert o.outputs[0].token_ids == tiny.ref_greedy(small_model, p, 9)
+
+
+def test_lookahead_decode_gives_the_same_outputs(small_model, tiny):
+    """Decode steps queued before the previous step's tokens are read: same tokens, log-probs, finish reasons
+    and block use, while samples stop at different steps (stop tokens, lengths), cross block boundaries, share
+    their prompt's last block (copy-on-write) and wait for room (max_num_seqs)."""
+    vocab = small_model.config.vocab_size
+    prompts = tiny.prompts(vocab, [3, 17, 9, 30, 5, 6], seed=34)
+    params = [SamplingParams(n=n, temperature=t, max_tokens=m, seed=i, stop_token_ids=list(range(0, vocab, 7)))
+              for i, (n, t, m) in enumerate([(3, 1.0, 13), (1, 0.0, 9), (4, 1.0, 21), (2, 0.8, 5), (1, 1.0, 17),
+                                             (2, 1.0, 11)])]
+    for max_num_seqs in (32, 4):
+        runs = {}
+        for ahead in (False, True):
+            engine = Engine.from_model(small_model, block_size=4, use_tqdm=False, cuda_graphs=True,
+                                       lookahead=ahead, max_num_seqs=max_num_seqs)
+            outs = engine.generate(prompts, params)
+            assert engine.blocks.num_used == 0
+            runs[ahead] = ([[(c.token_ids, c.finish_reason) for c in o.outputs] for o in outs], engine.stats,
+                           torch.tensor([lp for o in outs for c in o.outputs for lp in c.logprobs]))
+        (plain, plain_stats, plain_lp), (ahead, ahead_stats, ahead_lp) = runs[False], runs[True]
+        assert ahead == plain
+        # Rows dropped from a step can change its padded batch size, which moves fp32 matmuls in the last bits.
+        torch.testing.assert_close(ahead_lp, plain_lp, rtol=0, atol=1e-5)
+        assert plain_stats.lookahead_steps == 0 and ahead_stats.lookahead_steps > 0
+        reasons = {r for out in plain for _, r in out}
+        assert reasons == {"stop", "length"}  # both ways of stopping happened under look-ahead
+        # Look-ahead only adds the dropped rows of samples that stopped; it never skips a token.
+        generated = sum(len(t) for out in plain for t, _ in out)
+        assert plain_stats.decode_tokens <= ahead_stats.decode_tokens
+        assert ahead_stats.decode_tokens + ahead_stats.prefill_tokens >= generated
