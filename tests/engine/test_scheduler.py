@@ -90,3 +90,15 @@ def test_lookahead_decode_gives_the_same_outputs(small_model, tiny):
         generated = sum(len(t) for out in plain for t, _ in out)
         assert plain_stats.decode_tokens <= ahead_stats.decode_tokens
         assert ahead_stats.decode_tokens + ahead_stats.prefill_tokens >= generated
+
+
+def test_lookahead_wastes_no_row_on_samples_that_stop_by_length(small_model, tiny):
+    prompts = tiny.prompts(small_model.config.vocab_size, [5, 12, 8], seed=35)
+    sp = SamplingParams(n=3, temperature=1.0, max_tokens=10, seed=3, ignore_eos=True)
+    stats = {}
+    for ahead in (False, True):
+        engine = Engine.from_model(small_model, block_size=4, use_tqdm=False, cuda_graphs=True, lookahead=ahead)
+        engine.generate(prompts, sp)
+        stats[ahead] = engine.stats
+    assert stats[True].lookahead_steps > 0
+    assert stats[True].decode_tokens == stats[False].decode_tokens == 3 * 3 * 9  # the first token comes from prefill
