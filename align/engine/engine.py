@@ -31,6 +31,7 @@ class _Pending:
     seqs: list[Sequence]
     tokens: torch.Tensor  # (B,) int64
     logprobs: torch.Tensor  # (B,) fp32
+    routing: torch.Tensor | None  # (B, n_moe, k) int32 routed experts of the step's input tokens, if recorded
 
 
 class Engine:
@@ -223,12 +224,12 @@ class Engine:
         else:
             self.stats.decode_steps += 1
             self.stats.decode_tokens += len(chunks)
-            if not record and all(s.index >= 0 for s in seqs):
+            if all(s.index >= 0 for s in seqs):
                 # A decode step of samples (no prompt prefix finishing its prefill here): each completes and
                 # samples. The common case, kept lean because its Python runs between graph replays.
                 for c in chunks:
                     sched.computed(c, None)
-                pending = self._sample_later(seqs, logits)
+                pending = self._sample_later(seqs, logits, routing if record else None)
                 if self.lookahead:
                     return pending
                 self._read(sched, pending)
@@ -260,16 +261,20 @@ class Engine:
             self._append(sched, s, tok, lp)
         return None
 
-    def _sample_later(self, seqs: list[Sequence], logits: torch.Tensor) -> _Pending:
+    def _sample_later(self, seqs: list[Sequence], logits: torch.Tensor, routing: torch.Tensor | None) -> _Pending:
         """Queue the sampling of one token for each of ``seqs`` from its row of ``logits`` (M, V)."""
         tokens, logprobs = sample_on_device(logits, [s.request.params for s in seqs], [s.generator for s in seqs])
-        return _Pending(seqs, tokens, logprobs)
+        # A copy: a graph's routing output is overwritten by its next replay, which may be queued before the read.
+        return _Pending(seqs, tokens, logprobs, None if routing is None else routing.clone())
 
     def _read(self, sched: Scheduler, pending: _Pending) -> None:
-        """Append a queued step's tokens; rows of sequences that finished meanwhile are dropped."""
+        """Append a queued step's tokens (and routing); rows of sequences that finished meanwhile are dropped."""
         tokens, logprobs = to_host(pending.tokens, pending.logprobs)
-        for s, tok, lp in zip(pending.seqs, tokens, logprobs):
+        routing = None if pending.routing is None else pending.routing.cpu()
+        for i, (s, tok, lp) in enumerate(zip(pending.seqs, tokens, logprobs)):
             if s.status == "running":
+                if routing is not None and s.request.params.return_routing:
+                    s.routing.append(routing[i:i + 1])
                 self._append(sched, s, tok, lp)
 
     def _decode_ahead(self, sched: Scheduler, pending: _Pending) -> _Pending | None:
@@ -312,14 +317,15 @@ class Engine:
         ids = pending.tokens
         if len(keep) < len(pending.seqs):
             ids = ids[torch.tensor(keep).to(ids.device, non_blocking=True)]
-        logits, _ = self.graphs.run(ids, positions, [s.block_table for s in seqs])
+        logits, routing = self.graphs.run(ids, positions, [s.block_table for s in seqs])
+        record = any(s.request.params.return_routing for s in seqs)
         for s in seqs:
             s.num_computed += 1
         self.stats.decode_steps += 1
         self.stats.lookahead_steps += 1
         self.stats.decode_tokens += len(seqs)
         self.stats.peak_blocks_in_use = max(self.stats.peak_blocks_in_use, self.blocks.peak_used)
-        return self._sample_later(seqs, logits)
+        return self._sample_later(seqs, logits, routing if record else None)
 
     def _forward(self, chunks: list[Chunk], record_routing: bool):
         ids, rows, offset = [], [], 0

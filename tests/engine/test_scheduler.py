@@ -67,7 +67,8 @@ def test_lookahead_decode_gives_the_same_outputs(small_model, tiny):
     their prompt's last block (copy-on-write) and wait for room (max_num_seqs)."""
     vocab = small_model.config.vocab_size
     prompts = tiny.prompts(vocab, [3, 17, 9, 30, 5, 6], seed=34)
-    params = [SamplingParams(n=n, temperature=t, max_tokens=m, seed=i, stop_token_ids=list(range(0, vocab, 7)))
+    params = [SamplingParams(n=n, temperature=t, max_tokens=m, seed=i, stop_token_ids=list(range(0, vocab, 7)),
+                             return_routing=i % 2 == 0)
               for i, (n, t, m) in enumerate([(3, 1.0, 13), (1, 0.0, 9), (4, 1.0, 21), (2, 0.8, 5), (1, 1.0, 17),
                                              (2, 1.0, 11)])]
     for max_num_seqs in (32, 4):
@@ -78,9 +79,16 @@ def test_lookahead_decode_gives_the_same_outputs(small_model, tiny):
             outs = engine.generate(prompts, params)
             assert engine.blocks.num_used == 0
             runs[ahead] = ([[(c.token_ids, c.finish_reason) for c in o.outputs] for o in outs], engine.stats,
-                           torch.tensor([lp for o in outs for c in o.outputs for lp in c.logprobs]))
-        (plain, plain_stats, plain_lp), (ahead, ahead_stats, ahead_lp) = runs[False], runs[True]
+                           torch.tensor([lp for o in outs for c in o.outputs for lp in c.logprobs]),
+                           [(len(o.prompt_token_ids), len(c.token_ids), c.routing) for o in outs for c in o.outputs])
+        (plain, plain_stats, plain_lp, plain_rt), (ahead, ahead_stats, ahead_lp, ahead_rt) = runs[False], runs[True]
         assert ahead == plain
+        # Routing of every token read (prompt and completion but the last), where asked for: the same experts.
+        assert sum(r is not None for _, _, r in plain_rt) == 3 + 4 + 1
+        for (n_prompt, n_new, a), (_, _, b) in zip(plain_rt, ahead_rt):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert a.shape[0] == n_prompt + n_new - 1 and torch.equal(a, b)
         # Rows dropped from a step can change its padded batch size, which moves fp32 matmuls in the last bits.
         torch.testing.assert_close(ahead_lp, plain_lp, rtol=0, atol=1e-5)
         assert plain_stats.lookahead_steps == 0 and ahead_stats.lookahead_steps > 0
