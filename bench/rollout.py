@@ -203,6 +203,7 @@ def main(argv=None):
                                                           args.grpo_prompts * args.grpo_prompt_len),
                                max_model_len=longest + args.block_size, block_size=args.block_size,
                                use_tqdm=False, seed=args.seed, decode_kernels=args.decode_kernels)
+    lookahead = engine.lookahead  # what the engine chose; --compare-lookahead switches it off for some runs
     g = torch.Generator().manual_seed(args.seed)
     header = ["impl", "batch", "prompt", "new", "time s", "tokens/s", "engine speedup"]
     if cuda:
@@ -217,7 +218,7 @@ def main(argv=None):
         if not args.skip_hf and batch <= args.hf_max_batch:
             impls.append(("transformers generate", lambda: run_hf(model, prompts, args.new_tokens, device)))
         for name, fn in impls:
-            engine.lookahead = engine.graphs is not None and name != "engine, no look-ahead"
+            engine.lookahead = lookahead and name != "engine, no look-ahead"
             if name.startswith("engine"):
                 fn()  # a full warm-up run: CUDA graphs are captured once per shape bucket, then replayed
             else:
@@ -246,7 +247,7 @@ def main(argv=None):
             if cuda:
                 row += [f"{extra['peak']:.2f}", f"{extra['extra']:.2f}", f"{extra['bw']:.3f}"]
             rows.append(row)
-    engine.lookahead = engine.graphs is not None
+    engine.lookahead = lookahead
     fused = engine.runner.fused is not None
     print(f"\npreset {args.preset} (vocab {config.vocab_size}), {args.dtype} on {device}, random weights, "
           f"temperature 1, EOS ignored; engine KV {engine.kv_bytes_per_token()} B/token, "
@@ -276,7 +277,7 @@ def main(argv=None):
             engine.lookahead = False
             print("same, look-ahead off:", end="")
             run_grpo(args, engine, config, device, bw)
-            engine.lookahead = engine.graphs is not None
+            engine.lookahead = lookahead
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from .cache import BlockManager, LatentCache, kv_bytes_per_token
 from .graphs import DecodeGraphs
 from .params import CompletionOutput, RequestOutput, SamplingParams
 from .runner import ModelRunner
-from .sampler import UniformStream, make_generator, sample, sample_on_device, to_host
+from .sampler import UniformStream, make_generator, sample_on_device, to_host
 from .scheduler import Chunk, EngineStats, Request, Scheduler, Sequence
 from .weights import ModelWeights
 
@@ -202,7 +202,7 @@ class Engine:
             torch.set_num_threads(before)
 
     def _step(self, sched: Scheduler) -> _Pending | None:
-        """Plan and run one step; a lean decode step under look-ahead is returned unread, else None."""
+        """Plan and run one step; a lean decode step is returned unread (``generate`` reads it), else None."""
         plan = sched.schedule()
         if plan is None:
             raise RuntimeError(f"engine scheduler stalled: {len(sched.waiting)} waiting, {len(sched.running)} "
@@ -229,11 +229,7 @@ class Engine:
                 # samples. The common case, kept lean because its Python runs between graph replays.
                 for c in chunks:
                     sched.computed(c, None)
-                pending = self._sample_later(seqs, logits, routing if record else None)
-                if self.lookahead:
-                    return pending
-                self._read(sched, pending)
-                return None
+                return self._sample_later(seqs, logits, routing if record else None)
 
         routing = routing.cpu() if (routing is not None and record) else None
         to_sample: list[tuple[Sequence, int]] = []
@@ -255,10 +251,7 @@ class Engine:
             return None
         picked = [r for _, r in to_sample]
         rows = logits if picked == list(range(logits.shape[0])) else logits[torch.tensor(picked, device=logits.device)]
-        seqs = [s for s, _ in to_sample]
-        tokens, logprobs = sample(rows, [s.request.params for s in seqs], [s.generator for s in seqs])
-        for s, tok, lp in zip(seqs, tokens, logprobs):
-            self._append(sched, s, tok, lp)
+        self._read(sched, self._sample_later([s for s, _ in to_sample], rows, None))  # routing went in above
         return None
 
     def _sample_later(self, seqs: list[Sequence], logits: torch.Tensor, routing: torch.Tensor | None) -> _Pending:
@@ -291,12 +284,12 @@ class Engine:
         """
         if not self.lookahead or sched.waiting:
             return None
-        live = [s for s in pending.seqs if s.status == "running"]  # the others stopped a step ago
-        if len(live) != len(sched.running) or any(s is not r for s, r in zip(live, sched.running)):
+        live = [(i, s) for i, s in enumerate(pending.seqs) if s.status == "running"]  # others stopped a step ago
+        if len(live) != len(sched.running) or any(s is not r for (_, s), r in zip(live, sched.running)):
             return None
         # Rows whose pending token is their last by length are left out: they stop whatever it is.
-        keep = [i for i, s in enumerate(pending.seqs) if s.status == "running"
-                and s.num_generated + 1 < s.request.params.max_tokens and len(s.tokens) + 1 < self.max_model_len]
+        keep = [i for i, s in live
+                if s.num_generated + 1 < s.request.params.max_tokens and len(s.tokens) + 1 < self.max_model_len]
         if not keep:
             return None
         seqs = [pending.seqs[i] for i in keep]
@@ -318,14 +311,13 @@ class Engine:
         if len(keep) < len(pending.seqs):
             ids = ids[torch.tensor(keep).to(ids.device, non_blocking=True)]
         logits, routing = self.graphs.run(ids, positions, [s.block_table for s in seqs])
-        record = any(s.request.params.return_routing for s in seqs)
         for s in seqs:
             s.num_computed += 1
         self.stats.decode_steps += 1
         self.stats.lookahead_steps += 1
         self.stats.decode_tokens += len(seqs)
         self.stats.peak_blocks_in_use = max(self.stats.peak_blocks_in_use, self.blocks.peak_used)
-        return self._sample_later(seqs, logits, routing if record else None)
+        return self._sample_later(seqs, logits, routing if pending.routing is not None else None)
 
     def _forward(self, chunks: list[Chunk], record_routing: bool):
         ids, rows, offset = [], [], 0
