@@ -28,8 +28,15 @@ def prepare_output_dir(out: Path, resume: bool) -> None:
 
 
 def last_checkpoint(out: Path) -> Path | None:
-    ckpts = [p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return max(ckpts, key=lambda p: int(p.name.split("-")[-1])) if ckpts else None
+    """The latest complete ``checkpoint-N/`` in ``out``. The Trainer writes ``trainer_state.json`` last, so a
+    folder without it was cut off mid-write (a killed run) and is passed over, with a warning."""
+    ckpts = sorted((p for p in out.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for p in ckpts:
+        if (p / "trainer_state.json").is_file():
+            return p
+        log.warning("%s has no trainer_state.json (its save was interrupted); not resuming from it", p)
+    return None
 
 
 def install_final(tmp: Path, out: Path) -> None:

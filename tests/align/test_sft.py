@@ -131,3 +131,20 @@ def test_bad_data_row_names_file_and_row(tmp_path, root):
     assert res.returncode == 2
     assert f"{bad}: row 2: missing field 'answer'" in res.stderr
     assert not (tmp_path / "out").exists()      # failed before any work or output
+
+
+def test_resume_passes_over_a_checkpoint_cut_off_mid_write(tmp_path, caplog):
+    from align.stage import last_checkpoint
+
+    for step, complete in ((2, True), (10, True), (11, False)):   # numeric order, not name order
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"")
+        if complete:
+            (folder / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-final").mkdir()
+    assert last_checkpoint(tmp_path) == tmp_path / "checkpoint-10"
+    assert "checkpoint-11 has no trainer_state.json" in caplog.text
+    (tmp_path / "checkpoint-10" / "trainer_state.json").unlink()
+    (tmp_path / "checkpoint-2" / "trainer_state.json").unlink()
+    assert last_checkpoint(tmp_path) is None
