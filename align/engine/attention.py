@@ -132,7 +132,7 @@ def mla_forward(a: AttentionWeights, x: torch.Tensor, batch: AttnBatch, cache: L
     if absorb:
         out = _absorbed(a, q_nope, q_pe, ctx, batch, shape)
     else:
-        out = _expanded(a, q_nope, q_pe, ctx, batch, shape)
+        out = expanded_attention(a, q_nope, q_pe, ctx, batch, shape)
     return F.linear(out, a.o_proj, a.o_bias)
 
 
@@ -151,7 +151,9 @@ def _absorbed(a, q_nope, q_pe, ctx, batch: AttnBatch, shape: MLAShape) -> torch.
     return out.transpose(0, 1).reshape(n, hn * shape.v_dim)
 
 
-def _expanded(a, q_nope, q_pe, ctx, batch: AttnBatch, shape: MLAShape) -> torch.Tensor:
+def expanded_attention(a, q_nope, q_pe, ctx, batch: AttnBatch, shape: MLAShape) -> torch.Tensor:
+    """Per-head keys and values rebuilt from the latent context; q_nope (N, Hn, Dn), q_pe (N, Hn, Dr) rotated,
+    ctx (B, L, R+Dr) -> (N, Hn*Dv)."""
     n, hn, dn, dr, dv, r = (q_nope.shape[0], shape.num_heads, shape.nope_dim, shape.rope_dim, shape.v_dim,
                             shape.kv_lora_rank)
     b, length = batch.num_seqs, batch.context_len

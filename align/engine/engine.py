@@ -15,7 +15,8 @@ from .cache import BlockManager, LatentCache, kv_bytes_per_token
 from .graphs import DecodeGraphs
 from .params import CompletionOutput, RequestOutput, SamplingParams
 from .runner import ModelRunner
-from .sampler import UniformStream, make_generator, sample_on_device, to_host
+from .readback import Readback
+from .sampler import UniformStream, make_generator, sample_on_device
 from .scheduler import Chunk, EngineStats, Request, Scheduler, Sequence
 from .weights import ModelWeights
 
@@ -26,12 +27,13 @@ _CPU_DEFAULT_CACHE_BYTES = 1 << 30
 
 @dataclass
 class _Pending:
-    """A decode step queued on the device: its sequences, and their sampled tokens / log-probs (device)."""
+    """A decode step queued on the device: its sequences, their sampled tokens (device), and the copy of
+    tokens, log-probs and routing (if recorded) on its way to the host."""
 
     seqs: list[Sequence]
-    tokens: torch.Tensor  # (B,) int64
-    logprobs: torch.Tensor  # (B,) fp32
-    routing: torch.Tensor | None  # (B, n_moe, k) int32 routed experts of the step's input tokens, if recorded
+    tokens: torch.Tensor  # (B,) int64, on the device: the next step's input ids
+    readback: Readback
+    records_routing: bool
 
 
 class Engine:
@@ -257,13 +259,11 @@ class Engine:
     def _sample_later(self, seqs: list[Sequence], logits: torch.Tensor, routing: torch.Tensor | None) -> _Pending:
         """Queue the sampling of one token for each of ``seqs`` from its row of ``logits`` (M, V)."""
         tokens, logprobs = sample_on_device(logits, [s.request.params for s in seqs], [s.generator for s in seqs])
-        # A copy: a graph's routing output is overwritten by its next replay, which may be queued before the read.
-        return _Pending(seqs, tokens, logprobs, None if routing is None else routing.clone())
+        return _Pending(seqs, tokens, Readback(tokens, logprobs, routing), routing is not None)
 
     def _read(self, sched: Scheduler, pending: _Pending) -> None:
         """Append a queued step's tokens (and routing); rows of sequences that finished meanwhile are dropped."""
-        tokens, logprobs = to_host(pending.tokens, pending.logprobs)
-        routing = None if pending.routing is None else pending.routing.cpu()
+        tokens, logprobs, routing = pending.readback.result()
         for i, (s, tok, lp) in enumerate(zip(pending.seqs, tokens, logprobs)):
             if s.status == "running":
                 if routing is not None and s.request.params.return_routing:
@@ -317,7 +317,7 @@ class Engine:
         self.stats.lookahead_steps += 1
         self.stats.decode_tokens += len(seqs)
         self.stats.peak_blocks_in_use = max(self.stats.peak_blocks_in_use, self.blocks.peak_used)
-        return self._sample_later(seqs, logits, routing if pending.routing is not None else None)
+        return self._sample_later(seqs, logits, routing if pending.records_routing else None)
 
     def _forward(self, chunks: list[Chunk], record_routing: bool):
         ids, rows, offset = [], [], 0

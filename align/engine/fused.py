@@ -1,9 +1,13 @@
-"""The decode forward pass on CUDA from fused Triton kernels: one new token per sequence.
+"""The forward pass on CUDA from fused Triton kernels: decode steps, and prefills of a few hundred tokens.
 
-Same maths as ``ModelRunner.forward``'s torch path, about 20 launches per layer instead of about 75: the
-residual add is fused into the next RMSNorm, the MLA cache write, norm and rope into one kernel, attention reads
-the paged cache through the block tables (``triton_mla``), and the routed experts run as sorted grouped matmuls
-that read each used expert's weights once (``triton_moe``). Dense matmuls stay with cuBLAS.
+Same maths as ``ModelRunner.forward``'s torch path, about 20 launches per layer instead of about 70: the
+residual add is fused into the next RMSNorm, the MLA cache write, norm and rope into one kernel, and the routed
+experts run as sorted grouped matmuls that read each used expert's weights once (``triton_moe``). Dense matmuls
+stay with cuBLAS. Decode attention reads the paged cache through the block tables (``triton_mla``); a prefill
+attends in the expanded form over the gathered context, as the torch path does. Small prefills are bound by
+the host launching kernels, not by the GPU (a 128-token prompt of DeepSeek-V2-Lite: ~1,800 launches, ~58 ms,
+~15 ms of GPU work), so fewer launches is what speeds them up; large ones keep the torch path, whose grouped
+matmuls (cuBLAS) do the expert FLOPs better than these memory-bound kernels.
 
 Only built where it can run: a CUDA device, Triton importable, SiLU experts (``available``).
 """
@@ -13,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .attention import LATENT_NORM_EPS, AttnBatch, MLAShape
+from .attention import LATENT_NORM_EPS, AttnBatch, MLAShape, expanded_attention
 from .cache import LatentCache
 from .moe import Routing
 from .ops import rms_norm
@@ -35,9 +39,11 @@ def available(config, device: torch.device) -> str | None:
 
 class FusedDecoder:
     def __init__(self, weights: ModelWeights, cache: LatentCache, shape: MLAShape, routing: Routing, eps: float):
-        from . import triton_mla, triton_moe, triton_ops
+        from . import triton_gemv, triton_mla, triton_moe, triton_ops
 
-        self.mla, self.moe, self.ops = triton_mla, triton_moe, triton_ops
+        self.mla, self.moe, self.ops, self.gemv = triton_mla, triton_moe, triton_ops, triton_gemv
+        # Dense projections of at most this many rows run on triton_gemv instead of cuBLAS (0: never).
+        self.gemv_rows = triton_gemv.MAX_ROWS
         self.weights = weights
         self.cache = cache
         self.shape = shape
@@ -50,12 +56,12 @@ class FusedDecoder:
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, batch: AttnBatch, logit_rows: torch.Tensor | None,
                 record_routing: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B,) one new token per sequence -> fp32 logits (M, V) at ``logit_rows`` (None: all), routing or None."""
+        """(N,) new tokens -> fp32 logits (M, V) at packed rows ``logit_rows`` (None: all), and the routed experts
+        of every new token (N, n_moe, k) int32 or None. Decode batches (``context_lens`` set, one token per
+        sequence) attend through the Triton kernel, any other batch in the expanded form."""
         w, layers, eps = self.weights, self.weights.layers, self.eps
-        if batch.context_lens is None or batch.query_len != 1:
-            raise ValueError("the fused decode path takes decode batches (one new token per sequence)")
-        rope = torch.view_as_real(batch.freqs)  # (B, Dr/2, 2) fp32: scaled cos, sin
-        h = F.embedding(input_ids, w.embed)  # (B, H); updated in place by the fused residual adds
+        rope = torch.view_as_real(batch.freqs)  # (N, Dr/2, 2) fp32: scaled cos, sin
+        h = F.embedding(input_ids, w.embed)  # (N, H); updated in place by the fused residual adds
         x, _ = self.ops.add_rms_norm(h, None, layers[0].input_norm, eps)
         routes = []
         for i, layer in enumerate(layers):
@@ -80,22 +86,26 @@ class FusedDecoder:
         s = self.shape
         n, hn, dn = x.shape[0], s.num_heads, s.nope_dim
         if a.x_proj is not None:  # both projections of x in one matmul; q and kv are column slices of it
-            both = F.linear(x, a.x_proj, a.x_proj_bias)  # (B, Q + R+Dr)
+            both = self._linear(x, a.x_proj, a.x_proj_bias)  # (B, Q + R+Dr)
             q, kv = both.split([both.shape[1] - a.kv_a_proj.shape[0], a.kv_a_proj.shape[0]], dim=1)
         else:
-            q = F.linear(x, a.q_proj if a.q_proj is not None else a.q_a_proj,
-                         None if a.q_proj is not None else a.q_a_bias)
-            kv = F.linear(x, a.kv_a_proj, a.kv_a_bias)  # (B, R+Dr)
+            q = self._linear(x, a.q_proj if a.q_proj is not None else a.q_a_proj,
+                             None if a.q_proj is not None else a.q_a_bias)
+            kv = self._linear(x, a.kv_a_proj, a.kv_a_bias)  # (B, R+Dr)
         if a.q_proj is None:
-            q = F.linear(rms_norm(q, a.q_a_norm, LATENT_NORM_EPS), a.q_b_proj)
+            q = self._linear(rms_norm(q, a.q_a_norm, LATENT_NORM_EPS), a.q_b_proj, None)
         q = q.view(n, hn, dn + s.rope_dim)  # (B, Hn, Dq)
         entries = self.cache.kv[layer].view(-1, self.cache.kv.shape[-1])  # (slots, R+Dr)
         self.mla.mla_prep(kv, q, a.kv_a_norm, rope, batch.slots, entries, LATENT_NORM_EPS, dn)
+        if batch.context_lens is None or batch.query_len != 1:  # a prefill: q's rope is applied, the cache written
+            ctx = self.cache.gather(layer, batch.block_tables, batch.context_len)  # (B, L, R+Dr)
+            out = expanded_attention(a, q[..., :dn], q[..., dn:], ctx, batch, s)  # (N, Hn*Dv)
+            return F.linear(out, a.o_proj, a.o_bias)
         q_lat = torch.bmm(q[..., :dn].transpose(0, 1), a.w_uk)  # (Hn, B, Dn) @ (Hn, Dn, R) -> (Hn, B, R)
         out_lat = self.mla.mla_decode(q_lat, q, entries, batch.block_tables, batch.context_lens,
                                       self.cache.block_size, batch.context_len, s.scale, dn, self.num_sms)
         out = torch.bmm(out_lat, a.w_uv_t)  # (Hn, B, R) @ (Hn, R, Dv) -> (Hn, B, Dv)
-        return F.linear(out.transpose(0, 1).reshape(n, hn * s.v_dim), a.o_proj, a.o_bias)
+        return self._linear(out.transpose(0, 1).reshape(n, hn * s.v_dim), a.o_proj, a.o_bias)
 
     def _moe(self, m: MoEWeights, x: torch.Tensor, xf: torch.Tensor, h: torch.Tensor, next_norm: torch.Tensor):
         plan = self.moe.route_and_plan(F.linear(xf, m.router), self.routing)  # fp32 logits (B, E)
@@ -104,5 +114,11 @@ class FusedDecoder:
         return self.moe.combine_add_norm(y, plan, shared, h, next_norm, self.eps), plan.idx
 
     def _dense(self, mlp: DenseMLPWeights, x: torch.Tensor) -> torch.Tensor:
-        act = self.ops.silu_mul(F.linear(x, mlp.gate_up, mlp.gate_up_bias))  # (B, I)
-        return F.linear(act, mlp.down, mlp.down_bias)
+        if x.shape[0] <= self.gemv_rows:
+            act = self.gemv.glu(x, mlp.gate_up, mlp.gate_up_bias)  # (B, I)
+        else:
+            act = self.ops.silu_mul(F.linear(x, mlp.gate_up, mlp.gate_up_bias))
+        return self._linear(act, mlp.down, mlp.down_bias)
+
+    def _linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self.gemv.linear(x, w, bias) if x.shape[0] <= self.gemv_rows else F.linear(x, w, bias)

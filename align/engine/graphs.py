@@ -54,6 +54,15 @@ class DecodeGraphs:
         self.outputs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.pool = None
 
+    def reset(self) -> None:
+        """Drop every captured graph and their memory pool; the next steps capture afresh (after a change to
+        the code a step runs, e.g. a kernel switched on or off)."""
+        if self.capture:
+            torch.cuda.synchronize(self.runner.device)
+        self.graphs.clear()
+        self.outputs.clear()
+        self.pool = None
+
     def fits(self, num_seqs: int, max_context: int) -> bool:
         return num_seqs <= self.max_batch and -(-max_context // self.block_size) <= self.max_blocks
 

@@ -17,6 +17,10 @@ from .weights import ModelWeights, MoEWeights
 # The fused decode kernels sort a step's (token, expert) pairs with per-block counts every program reads; beyond
 # this many sequences in one decode step the torch path runs instead.
 MAX_FUSED_BATCH = 4096
+# Prefills of up to this many tokens run on the fused kernels too: they are bound by kernel launches, which the
+# fused path has a third as many of. Larger ones are bound by the expert matmuls, which cuBLAS's grouped GEMM
+# (the torch path) does better.
+MAX_FUSED_PREFILL = 1024
 
 
 class ModelRunner:
@@ -43,6 +47,7 @@ class ModelRunner:
             raise ValueError(f"decode_kernels='triton' cannot run here: {why_not}")
         self.fused = (fused.FusedDecoder(weights, cache, self.shape, self.routing, self.eps)
                       if why_not is None else None)
+        self.max_fused_prefill = MAX_FUSED_PREFILL
 
     def batch(self, starts: list[int], lengths: list[int], tables: list[list[int]]) -> AttnBatch:
         return AttnBatch.build(starts, lengths, tables, self.cache.block_size, self.rotary, self.device)
@@ -64,7 +69,9 @@ class ModelRunner:
                 record_routing: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(N,) new tokens -> fp32 logits (M, V) at packed rows ``logit_rows`` (M,; None: every row), and
         optionally the routed experts of every new token, (N, n_moe_layers, top_k)."""
-        if self.fused is not None and batch.context_lens is not None and batch.num_seqs <= MAX_FUSED_BATCH:
+        if self.fused is not None and (batch.num_seqs <= MAX_FUSED_BATCH if batch.context_lens is not None
+                                       else input_ids.shape[0] <= self.max_fused_prefill
+                                       and self.prefill_attention == "expanded"):
             return self.fused.forward(input_ids, batch, logit_rows, record_routing)
         w = self.weights
         absorb = batch.query_len == 1 or self.prefill_attention == "absorbed"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .params import SamplingParams
+from .readback import Readback
 
 _MASK64 = (1 << 64) - 1
 
@@ -70,7 +71,8 @@ def _uniform(g: torch.Generator | UniformStream) -> float:
 def sample(logits: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator | UniformStream]) -> tuple[list[int], list[float]]:
     """(M, V) fp32 logits, one row per sequence -> sampled token ids and their raw log-probabilities."""
-    return to_host(*sample_on_device(logits, params, generators))
+    tokens, logprobs, _ = Readback(*sample_on_device(logits, params, generators)).result()
+    return tokens, logprobs
 
 
 def sample_on_device(logits: torch.Tensor, params: list[SamplingParams],
@@ -136,9 +138,3 @@ def sample_on_device(logits: torch.Tensor, params: list[SamplingParams],
 
 def _same_rule(a: SamplingParams, b: SamplingParams) -> bool:
     return a.temperature == b.temperature and a.top_k == b.top_k and a.top_p == b.top_p
-
-
-def to_host(tokens: torch.Tensor, logprobs: torch.Tensor) -> tuple[list[int], list[float]]:
-    """(M,) token ids and (M,) log-probs as Python lists, in one device -> host copy."""
-    both = torch.stack([tokens.double(), logprobs.double()]).cpu()
-    return both[0].long().tolist(), both[1].float().tolist()

@@ -136,9 +136,14 @@ def mla_prep(kv: torch.Tensor, q: torch.Tensor, norm_w: torch.Tensor, rope: torc
                        BLOCK_HALF=_pow2(dr // 2, 1), BLOCK_H=_pow2(num_heads, 1), num_warps=4)
 
 
-def split_len(batch: int, context: int, block_n: int, num_sms: int) -> int:
-    """Keys per program: short batches split their context so that about two programs run per SM."""
-    splits = max(1, min(triton.cdiv(context, block_n), triton.cdiv(2 * num_sms, batch)))
+# Tile of the decode kernel (bf16/fp16; fp32 halves block_n) and programs aimed for per SM when a batch is too
+# small to fill the GPU with one program per sequence. Measured on an H200, see BENCHMARKS.md.
+TILES = dict(block_n=32, num_warps=4, num_stages=2, programs_per_sm=1)
+
+
+def split_len(batch: int, context: int, block_n: int, num_sms: int, per_sm: int = 2) -> int:
+    """Keys per program: short batches split their context so that about ``per_sm`` programs run per SM."""
+    splits = max(1, min(triton.cdiv(context, block_n), triton.cdiv(per_sm * num_sms, batch)))
     return triton.cdiv(triton.cdiv(context, splits), block_n) * block_n
 
 
@@ -153,8 +158,9 @@ def mla_decode(q_lat: torch.Tensor, q: torch.Tensor, cache: torch.Tensor, block_
     num_heads, b, rank = q_lat.shape
     dr = q.shape[2] - nope_dim
     fp32 = q.dtype == torch.float32
-    block_n = 16 if fp32 else 32
-    per_split = split_len(b, max_context, block_n, num_sms)
+    t = TILES
+    block_n = t["block_n"] // 2 if fp32 else t["block_n"]
+    per_split = split_len(b, max_context, block_n, num_sms, t["programs_per_sm"])
     splits = triton.cdiv(max_context, per_split)
     block_h, block_r = _pow2(num_heads), _pow2(rank)
     o = torch.empty(b, splits, num_heads, rank, dtype=torch.float32, device=q.device)  # (B, S, Hn, R)
@@ -164,7 +170,7 @@ def mla_decode(q_lat: torch.Tensor, q: torch.Tensor, cache: torch.Tensor, block_
         q_lat.stride(1), q.stride(0), q.stride(1), cache.stride(0), block_tables.stride(0), o.stride(0),
         o.stride(1), o.stride(2), lse.stride(0), lse.stride(1), R=rank, DN=nope_dim, DR=dr, BLOCK_SIZE=block_size,
         BLOCK_H=block_h, BLOCK_R=block_r, BLOCK_DR=_pow2(dr), BLOCK_N=block_n, PREC="ieee" if fp32 else "tf32",
-        num_warps=4 if block_r <= 256 else 8, num_stages=2)
+        num_warps=min(t["num_warps"], 4) if block_r <= 256 else t["num_warps"], num_stages=t["num_stages"])
     out = torch.empty(num_heads, b, rank, dtype=q.dtype, device=q.device)  # (Hn, B, R)
     _reduce_kernel[(b, num_heads)](o, lse, out, splits, o.stride(0), o.stride(1), o.stride(2), lse.stride(0),
                                    lse.stride(1), out.stride(0), out.stride(1), R=rank,

@@ -82,3 +82,20 @@ def test_cuda_graphs_survive_weight_swaps(tiny):
     assert _tokens(after) == _tokens(fresh) != before
     for a, b in zip(after, fresh):
         assert [c.logprobs for c in a.outputs] == [c.logprobs for c in b.outputs]
+
+
+def test_cuda_graphs_reset_recaptures(tiny):
+    """After ``reset`` the next steps capture afresh, into a new memory pool, and decode the same tokens."""
+    config = tiny.config(seed=6, **ALIGNED)
+    prompts = tiny.prompts(config.vocab_size, [5, 11], seed=6)
+    sp = SamplingParams(n=2, temperature=1.0, max_tokens=10, seed=2, ignore_eos=True)
+    engine = Engine.from_model(tiny.model(config, seed=6), device="cuda", dtype=torch.bfloat16, block_size=4,
+                               use_tqdm=False)
+    first = engine.generate(prompts, sp)
+    old = dict(engine.graphs.graphs)
+    engine.graphs.reset()
+    again = engine.generate(prompts, sp)
+    assert engine.graphs.graphs and all(engine.graphs.graphs[k] is not g for k, g in old.items())
+    assert _tokens(again) == _tokens(first)
+    engine.graphs.reset()  # twice in a row: the dropped pool must not be captured into
+    assert _tokens(engine.generate(prompts, sp)) == _tokens(first)

@@ -58,7 +58,7 @@ def test_mla_decode_matches_dense_attention(dtype, monkeypatch):
     from align.engine import triton_mla
 
     torch.manual_seed(1)
-    monkeypatch.setattr(triton_mla, "split_len", lambda b, c, bn, sms: bn)  # as many splits as possible
+    monkeypatch.setattr(triton_mla, "split_len", lambda b, c, bn, sms, per_sm=2: bn)  # as many splits as possible
     hn, rank, dr, dn, bs, b = 16, 40, 8, 16, 4, 3
     ctx = torch.tensor([5, 97, 18], device="cuda")
     n_blocks = 80
@@ -83,21 +83,32 @@ def test_mla_decode_matches_dense_attention(dtype, monkeypatch):
     (5, dict(hidden_size=48, moe_intermediate_size=24, q_lora_rank=None, topk_method="greedy",
              first_k_dense_replace=0, attention_bias=True)),
 ])
-def test_fused_decode_matches_torch_decode(tiny, seed, fields):
+def test_fused_forward_matches_torch_path(tiny, seed, fields):
+    """Prefill and decode on the fused kernels against the torch path: same tokens, routed experts and scores."""
     config = tiny.config(seed=seed, **fields)
     model = tiny.model(config, seed=seed)
     prompts = tiny.prompts(config.vocab_size, [3, 17, 9, 30, 1], seed=seed)
-    sp = SamplingParams(n=2, temperature=1.0, max_tokens=12, seed=3, ignore_eos=True)
-    outs = {}
+    completions = tiny.prompts(config.vocab_size, [4, 1, 12, 2, 7], seed=seed + 1)
+    sp = SamplingParams(n=2, temperature=1.0, max_tokens=12, seed=3, ignore_eos=True, return_routing=True)
+    outs, scores, fused_prefills = {}, {}, []
     for kernels in ("torch", "triton"):
         engine = Engine.from_model(model, device="cuda", block_size=4, use_tqdm=False, decode_kernels=kernels,
                                    cuda_graphs=False)
         assert (engine.runner.fused is not None) == (kernels == "triton")
+        if engine.runner.fused is not None:
+            forward = engine.runner.fused.forward
+            engine.runner.fused.forward = lambda ids, batch, *a: (fused_prefills.append(batch.query_len > 1)
+                                                                  or forward(ids, batch, *a))
         outs[kernels] = engine.generate(prompts, sp)
+        scores[kernels] = engine.score(prompts, completions)
+    assert any(fused_prefills) and not all(fused_prefills)  # prefills and decode steps both ran fused
     for a, b in zip(outs["torch"], outs["triton"]):
         for ca, cb in zip(a.outputs, b.outputs):
             assert ca.token_ids == cb.token_ids
             assert (torch.tensor(ca.logprobs) - torch.tensor(cb.logprobs)).abs().max() < 1e-4
+            assert torch.equal(ca.routing.sort(-1).values, cb.routing.sort(-1).values)  # same experts per token
+    for a, b in zip(scores["torch"], scores["triton"]):
+        assert (torch.tensor(a) - torch.tensor(b)).abs().max() < 1e-4
 
 
 def test_prefill_expert_glue_matches_torch():
@@ -130,3 +141,23 @@ def test_sampling_kernel_matches_torch_sampler():
         assert sum(same) >= 62  # a draw within float rounding of a CDF step may land on its neighbour
         got_lp = torch.log_softmax(logits, -1).gather(1, tokens[:, None]).squeeze(1)
         assert torch.allclose(logprobs, got_lp, atol=1e-5)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 40, 96), (5, 33, 130), (16, 3648, 2048)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_row_matmuls_match_torch(m, n, k, dtype):
+    from align.engine import triton_gemv, triton_ops
+
+    torch.manual_seed(m)
+    x = torch.randn(m, k, device="cuda").to(dtype)
+    w, w2 = (torch.randn(n, k, device="cuda") * 0.1).to(dtype), (torch.randn(2 * n, k, device="cuda") * 0.1).to(dtype)
+    b, b2 = torch.randn(n, device="cuda").to(dtype), torch.randn(2 * n, device="cuda").to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert _rel(triton_gemv.linear(x, w), F.linear(x.float(), w.float())) < tol
+    assert _rel(triton_gemv.linear(x, w, b), F.linear(x.float(), w.float(), b.float())) < tol
+    gate, up = F.linear(x.float(), w2.float(), b2.float()).chunk(2, dim=-1)
+    assert _rel(triton_gemv.glu(x, w2, b2), F.silu(gate) * up) < tol
+    if dtype == torch.bfloat16:  # same rounding steps as cuBLAS + silu_mul: within a bf16 step or so
+        assert _rel(triton_gemv.glu(x, w2), triton_ops.silu_mul(F.linear(x, w2))) < 1e-2
+    with pytest.raises(ValueError, match="at most"):
+        triton_gemv.linear(torch.randn(triton_gemv.MAX_ROWS + 1, k, device="cuda").to(dtype), w)

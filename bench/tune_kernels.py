@@ -1,0 +1,141 @@
+"""Tile sweeps for the engine's Triton decode kernels on DeepSeek-V2-Lite shapes (CUDA only).
+
+Times each kernel (``triton.testing.do_bench``: L2 flushed between runs, median) over a grid of tile settings and
+prints one markdown table per kernel and batch, fastest first, with the bytes it must read over its time. The
+settings live in the modules' ``TILES`` dicts; this script only changes them for the duration of a timing.
+
+    PYTHONPATH=. python bench/tune_kernels.py --batches 1 32 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+from align.engine import triton_gemv, triton_mla, triton_moe, triton_ops, triton_sample
+from align.engine.moe import Routing
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 32, 256])
+    p.add_argument("--context", type=int, default=256, help="longest context; lengths drawn from [context/2, it]")
+    p.add_argument("--kernels", nargs="+", default=["gemv", "mla", "experts", "sample"])
+    p.add_argument("--top", type=int, default=6)
+    return p.parse_args(argv)
+
+
+def table(title: str, rows: list[tuple[str, float]], nbytes: float, top: int):
+    rows = sorted(rows, key=lambda r: r[1])
+    print(f"\n### {title} ({nbytes / 1e6:.1f} MB read)\n\n| setting | µs | TB/s |\n|---|---|---|")
+    for name, ms in rows[:top]:
+        print(f"| {name} | {ms * 1e3:.1f} | {nbytes / ms / 1e9:.2f} |")
+    if len(rows) > top:
+        name, ms = rows[-1]
+        print(f"| (slowest of {len(rows)}) {name} | {ms * 1e3:.1f} | {nbytes / ms / 1e9:.2f} |")
+
+
+def sweep(tiles: dict, grid: dict, fn) -> list[tuple[str, float]]:
+    """Time ``fn`` under every combination of ``grid`` values written into ``tiles``; restore it after."""
+    saved = dict(tiles)
+    out = []
+    try:
+        for values in itertools.product(*grid.values()):
+            tiles.update(dict(zip(grid, values)))
+            try:
+                ms = do_bench(fn, warmup=5, rep=40)
+            except Exception as e:  # a tile that does not fit shared memory or registers
+                print(f"skip {dict(zip(grid, values))}: {type(e).__name__}")
+                continue
+            out.append((", ".join(f"{k}={v}" for k, v in zip(grid, values)), ms))
+    finally:
+        tiles.clear()
+        tiles.update(saved)
+    return out
+
+
+def mla(batch: int, context: int, top: int, dev):
+    heads, rank, dn, dr, bs = 16, 512, 128, 64, 16
+    lens = torch.randint(context // 2, context + 1, (batch,), device=dev)
+    nb = context // bs
+    blocks = batch * nb + 1
+    cache = torch.randn(blocks * bs, rank + dr, device=dev, dtype=torch.bfloat16)
+    tables = torch.randperm(blocks - 1, device=dev)[:batch * nb].view(batch, nb) + 1
+    q_lat = torch.randn(heads, batch, rank, device=dev, dtype=torch.bfloat16)
+    q = torch.randn(batch, heads, dn + dr, device=dev, dtype=torch.bfloat16)
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+
+    def fn():
+        triton_mla.mla_decode(q_lat, q, cache, tables, lens, bs, context, 0.1, dn, sms)
+
+    grid = dict(block_n=[16, 32, 64], num_warps=[4, 8], num_stages=[1, 2, 3], programs_per_sm=[1, 2, 4])
+    nbytes = int(lens.sum()) * (rank + dr) * 2
+    table(f"MLA decode, batch {batch}, context {context // 2}-{context}", sweep(triton_mla.TILES, grid, fn),
+          nbytes, top)
+
+
+def experts(batch: int, top: int, dev):
+    e, k, hidden, inter = 64, 6, 2048, 1408
+    x = torch.randn(batch, hidden, device=dev, dtype=torch.bfloat16)
+    router = torch.randn(e, hidden, device=dev)
+    gu = torch.randn(e, 2 * inter, hidden, device=dev, dtype=torch.bfloat16) * 0.02
+    dn = torch.randn(e, hidden, inter, device=dev, dtype=torch.bfloat16) * 0.02
+    plan = triton_moe.route_and_plan(F.linear(x.float(), router), Routing(e, k, "greedy", None, None, 1.0))
+    used = int(plan.n_active)
+    for kernel, per_expert in (("gate_up", 2 * inter * hidden * 2), ("down", inter * hidden * 2)):
+        grid = dict(block_n=[32, 64, 128], block_k=[64, 128, 256], num_warps=[4], num_stages=[3, 4])
+        rows = sweep(triton_moe.TILES[kernel], grid, lambda: triton_moe.routed_experts(x, plan, gu, dn))
+        table(f"routed experts (both kernels), sweeping {kernel}, batch {batch}, {used} experts in use", rows,
+              used * 3 * inter * hidden * 2, top)
+
+
+def gemv(batch: int, top: int, dev):
+    """The dense projections of a Lite decode step: cuBLAS (F.linear) against triton_gemv's tiles."""
+    if batch > triton_gemv.MAX_ROWS:
+        return
+    shapes = {"x_proj [q | kv_a]": (3072 + 576, 2048, False), "o_proj": (2048, 2048, False),
+              "shared gate_up + silu": (2 * 2816, 2048, True), "shared down": (2048, 2816, False),
+              "dense gate_up + silu": (2 * 10944, 2048, True), "dense down": (2048, 10944, False)}
+    grid = dict(block_n=[16, 32], block_k=[128, 256, 512], num_warps=[4], num_stages=[3, 4, 5])
+    for name, (n, k, act) in shapes.items():
+        x = torch.randn(batch, k, device=dev, dtype=torch.bfloat16)
+        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
+        if act:
+            base = do_bench(lambda: triton_ops.silu_mul(F.linear(x, w)), warmup=5, rep=40)
+            rows = sweep(triton_gemv.TILES, grid, lambda: triton_gemv.glu(x, w))
+        else:
+            base = do_bench(lambda: F.linear(x, w), warmup=5, rep=40)
+            rows = sweep(triton_gemv.TILES, grid, lambda: triton_gemv.linear(x, w))
+        table(f"{name}, {batch} rows", rows + [("cuBLAS F.linear" + (" + silu_mul" if act else ""), base)],
+              w.numel() * 2, top)
+
+
+def sample(batch: int, top: int, dev):
+    vocab = 102400
+    logits = torch.randn(batch, vocab, device=dev) * 3
+    u = torch.rand(batch, dtype=torch.float64, device=dev)
+    ms = do_bench(lambda: triton_sample.sample_rows(logits, u, 1.0), warmup=5, rep=40)
+    table(f"sampling, batch {batch}, vocab {vocab}", [("default", ms)], logits.numel() * 4, top)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    for b in args.batches:
+        if "gemv" in args.kernels:
+            gemv(b, args.top, dev)
+        if "sample" in args.kernels:
+            sample(b, args.top, dev)
+        if "mla" in args.kernels:
+            mla(b, args.context, args.top, dev)
+        if "experts" in args.kernels:
+            experts(b, args.top, dev)
+
+
+if __name__ == "__main__":
+    main()
