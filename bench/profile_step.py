@@ -19,25 +19,16 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from align.engine import Engine, SamplingParams
+from align.engine.runner import MAX_FUSED_PREFILL
 from bench.rollout import DTYPES, build_model, sync
 
 
-def _set(engine: Engine, gemv_rows: int | None = None, max_fused_prefill: int | None = None):
-    """Switch fused-path features; decode graphs are re-captured, since they replay the code captured."""
-    fused = engine.runner.fused
-    if gemv_rows is not None and fused is not None:
-        fused.gemv_rows = gemv_rows
-    if max_fused_prefill is not None:
-        engine.runner.max_fused_prefill = max_fused_prefill
-    if engine.graphs is not None:
-        engine.graphs.reset()
+def _fused_prefill(engine: Engine, tokens: int):
+    engine.runner.max_fused_prefill = tokens
 
 
 # Name -> (switch it off, switch it back on).
-VARIANTS = {
-    "no-gemv": (lambda e: _set(e, gemv_rows=0), lambda e: _set(e, gemv_rows=16)),
-    "no-fused-prefill": (lambda e: _set(e, max_fused_prefill=0), lambda e: _set(e, max_fused_prefill=1024)),
-}
+VARIANTS = {"no-fused-prefill": (lambda e: _fused_prefill(e, 0), lambda e: _fused_prefill(e, MAX_FUSED_PREFILL))}
 
 
 def parse_args(argv=None):

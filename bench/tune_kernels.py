@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
-from align.engine import triton_gemv, triton_mla, triton_moe, triton_ops, triton_sample
+from align.engine import triton_mla, triton_moe, triton_sample
 from align.engine.moe import Routing
 
 
@@ -24,7 +24,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32, 256])
     p.add_argument("--context", type=int, default=256, help="longest context; lengths drawn from [context/2, it]")
-    p.add_argument("--kernels", nargs="+", default=["gemv", "mla", "experts", "sample"])
+    p.add_argument("--kernels", nargs="+", default=["mla", "experts", "sample"])
     p.add_argument("--top", type=int, default=6)
     return p.parse_args(argv)
 
@@ -39,16 +39,15 @@ def table(title: str, rows: list[tuple[str, float]], nbytes: float, top: int):
         print(f"| (slowest of {len(rows)}) {name} | {ms * 1e3:.1f} | {nbytes / ms / 1e9:.2f} |")
 
 
-def sweep(tiles: dict, grid: dict, fn, timer=do_bench) -> list[tuple[str, float]]:
-    """Time ``fn`` under every combination of ``grid`` values written into ``tiles``; restore it after.
-    ``timer`` None: ``fn`` times itself and returns milliseconds."""
+def sweep(tiles: dict, grid: dict, fn) -> list[tuple[str, float]]:
+    """Time ``fn`` under every combination of ``grid`` values written into ``tiles``; restore it after."""
     saved = dict(tiles)
     out = []
     try:
         for values in itertools.product(*grid.values()):
             tiles.update(dict(zip(grid, values)))
             try:
-                ms = timer(fn, warmup=5, rep=40) if timer else fn()
+                ms = do_bench(fn, warmup=5, rep=40)
             except Exception as e:  # a tile that does not fit shared memory or registers
                 print(f"skip {dict(zip(grid, values))}: {type(e).__name__}")
                 continue
@@ -94,50 +93,6 @@ def experts(batch: int, top: int, dev):
               used * 3 * inter * hidden * 2, top)
 
 
-def graph_ms(calls: list) -> float:
-    """Milliseconds per call of ``calls`` replayed from one CUDA graph (no launch overhead in the timing).
-
-    Each call should read its own weight, and together more than the L2 cache holds, so that every call
-    streams its weight from memory as in a real decode step."""
-    for c in calls:
-        c()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / (10 * len(calls))
-
-
-def gemv(batch: int, top: int, dev):
-    """The dense projections of a Lite decode step: cuBLAS (F.linear) against triton_gemv's tiles, timed as
-    graph replays over 24 copies of each weight."""
-    if batch > triton_gemv.MAX_ROWS:
-        return
-    shapes = {"x_proj [q | kv_a]": (3072 + 576, 2048, False), "o_proj": (2048, 2048, False),
-              "shared gate_up + silu": (2 * 2816, 2048, True), "shared down": (2048, 2816, False),
-              "dense gate_up + silu": (2 * 10944, 2048, True), "dense down": (2048, 10944, False)}
-    grid = dict(block_n=[8, 16, 32], block_k=[128, 256, 512], num_warps=[2, 4], num_stages=[3, 5])
-    tiles = triton_gemv.TILES["one_row" if batch == 1 else "rows"]
-    if batch > 1:
-        grid["block_n"] = [16, 32]
-    for name, (n, k, act) in shapes.items():
-        x = torch.randn(batch, k, device=dev, dtype=torch.bfloat16)
-        ws = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(24)]
-        ours = triton_gemv.glu if act else triton_gemv.linear
-        theirs = (lambda x, w: triton_ops.silu_mul(F.linear(x, w))) if act else F.linear
-        base = graph_ms([lambda w=w: theirs(x, w) for w in ws])
-        rows = sweep(tiles, grid, lambda: graph_ms([lambda w=w: ours(x, w) for w in ws]), timer=None)
-        table(f"{name}, {batch} rows", rows + [("cuBLAS F.linear" + (" + silu_mul" if act else ""), base)],
-              n * k * 2, top)
-
-
 def sample(batch: int, top: int, dev):
     vocab = 102400
     logits = torch.randn(batch, vocab, device=dev) * 3
@@ -151,8 +106,6 @@ def main(argv=None):
     dev = torch.device("cuda")
     torch.manual_seed(0)
     for b in args.batches:
-        if "gemv" in args.kernels:
-            gemv(b, args.top, dev)
         if "sample" in args.kernels:
             sample(b, args.top, dev)
         if "mla" in args.kernels:

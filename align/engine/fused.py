@@ -39,11 +39,9 @@ def available(config, device: torch.device) -> str | None:
 
 class FusedDecoder:
     def __init__(self, weights: ModelWeights, cache: LatentCache, shape: MLAShape, routing: Routing, eps: float):
-        from . import triton_gemv, triton_mla, triton_moe, triton_ops
+        from . import triton_mla, triton_moe, triton_ops
 
-        self.mla, self.moe, self.ops, self.gemv = triton_mla, triton_moe, triton_ops, triton_gemv
-        # Dense projections of at most this many rows run on triton_gemv instead of cuBLAS (0: never).
-        self.gemv_rows = triton_gemv.MAX_ROWS
+        self.mla, self.moe, self.ops = triton_mla, triton_moe, triton_ops
         self.weights = weights
         self.cache = cache
         self.shape = shape
@@ -86,14 +84,14 @@ class FusedDecoder:
         s = self.shape
         n, hn, dn = x.shape[0], s.num_heads, s.nope_dim
         if a.x_proj is not None:  # both projections of x in one matmul; q and kv are column slices of it
-            both = self._linear(x, a.x_proj, a.x_proj_bias)  # (B, Q + R+Dr)
+            both = F.linear(x, a.x_proj, a.x_proj_bias)  # (B, Q + R+Dr)
             q, kv = both.split([both.shape[1] - a.kv_a_proj.shape[0], a.kv_a_proj.shape[0]], dim=1)
         else:
-            q = self._linear(x, a.q_proj if a.q_proj is not None else a.q_a_proj,
-                             None if a.q_proj is not None else a.q_a_bias)
-            kv = self._linear(x, a.kv_a_proj, a.kv_a_bias)  # (B, R+Dr)
+            q = F.linear(x, a.q_proj if a.q_proj is not None else a.q_a_proj,
+                         None if a.q_proj is not None else a.q_a_bias)
+            kv = F.linear(x, a.kv_a_proj, a.kv_a_bias)  # (B, R+Dr)
         if a.q_proj is None:
-            q = self._linear(rms_norm(q, a.q_a_norm, LATENT_NORM_EPS), a.q_b_proj, None)
+            q = F.linear(rms_norm(q, a.q_a_norm, LATENT_NORM_EPS), a.q_b_proj)
         q = q.view(n, hn, dn + s.rope_dim)  # (B, Hn, Dq)
         entries = self.cache.kv[layer].view(-1, self.cache.kv.shape[-1])  # (slots, R+Dr)
         self.mla.mla_prep(kv, q, a.kv_a_norm, rope, batch.slots, entries, LATENT_NORM_EPS, dn)
@@ -105,7 +103,7 @@ class FusedDecoder:
         out_lat = self.mla.mla_decode(q_lat, q, entries, batch.block_tables, batch.context_lens,
                                       self.cache.block_size, batch.context_len, s.scale, dn, self.num_sms)
         out = torch.bmm(out_lat, a.w_uv_t)  # (Hn, B, R) @ (Hn, R, Dv) -> (Hn, B, Dv)
-        return self._linear(out.transpose(0, 1).reshape(n, hn * s.v_dim), a.o_proj, a.o_bias)
+        return F.linear(out.transpose(0, 1).reshape(n, hn * s.v_dim), a.o_proj, a.o_bias)
 
     def _moe(self, m: MoEWeights, x: torch.Tensor, xf: torch.Tensor, h: torch.Tensor, next_norm: torch.Tensor):
         plan = self.moe.route_and_plan(F.linear(xf, m.router), self.routing)  # fp32 logits (B, E)
@@ -114,11 +112,5 @@ class FusedDecoder:
         return self.moe.combine_add_norm(y, plan, shared, h, next_norm, self.eps), plan.idx
 
     def _dense(self, mlp: DenseMLPWeights, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= self.gemv_rows:
-            act = self.gemv.glu(x, mlp.gate_up, mlp.gate_up_bias)  # (B, I)
-        else:
-            act = self.ops.silu_mul(F.linear(x, mlp.gate_up, mlp.gate_up_bias))
-        return self._linear(act, mlp.down, mlp.down_bias)
-
-    def _linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return self.gemv.linear(x, w, bias) if x.shape[0] <= self.gemv_rows else F.linear(x, w, bias)
+        act = self.ops.silu_mul(F.linear(x, mlp.gate_up, mlp.gate_up_bias))  # (B, I)
+        return F.linear(act, mlp.down, mlp.down_bias)
