@@ -282,7 +282,7 @@ class Engine:
         (and frees): no sequence's tokens change. (Log-probabilities can move in the last float bit or so: the
         extra rows can put a step in a larger padded batch, and matmuls are not bitwise batch-invariant.)
         """
-        if not self.lookahead or sched.waiting:
+        if not self.lookahead or self.graphs is None or sched.waiting:  # (graphs can be switched off later)
             return None
         live = [(i, s) for i, s in enumerate(pending.seqs) if s.status == "running"]  # others stopped a step ago
         if len(live) != len(sched.running) or any(s is not r for (_, s), r in zip(live, sched.running)):
