@@ -88,7 +88,7 @@ def experts(batch: int, top: int, dev):
     used = int(plan.n_active)
     for kernel, per_expert in (("gate_up", 2 * inter * hidden * 2), ("down", inter * hidden * 2)):
         grid = dict(block_n=[32, 64, 128], block_k=[64, 128, 256], num_warps=[4], num_stages=[3, 4])
-        rows = sweep(triton_moe.TILES[kernel], grid, lambda: triton_moe.routed_experts(x, plan, gu, dn))
+        rows = sweep(triton_moe.TILES[kernel], grid, lambda: triton_moe.routed_experts(x, plan, gu, dn)[0])
         table(f"routed experts (both kernels), sweeping {kernel}, batch {batch}, {used} experts in use", rows,
               used * 3 * inter * hidden * 2, top)
 

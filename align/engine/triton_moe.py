@@ -97,82 +97,112 @@ def _place_kernel(idx_ptr, w_ptr, hist_ptr, n_assign, n_experts, n_blocks, count
 
 
 @triton.jit
+def _gate_up_tile(x_ptr, rows_ptr, start, count, wg_ptr, wu_ptr, out_ptr, hidden, stride_xm, stride_om, n, nmask,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                  PREC: tl.constexpr):
+    """act(x W_gate) * (x W_up) for rows ``rows_ptr[start:start+count]`` of x; wg/wu_ptr (1, N) weight rows,
+    out_ptr the first output column, rows written at start + r."""
+    kk = tl.arange(0, BLOCK_K)
+    dt = out_ptr.dtype.element_ty
+    for m0 in range(0, count, BLOCK_M):
+        r = m0 + tl.arange(0, BLOCK_M)
+        rmask = r < count
+        tok = tl.load(rows_ptr + start + r, mask=rmask, other=0)
+        a_ptr = x_ptr + tok.to(tl.int64)[:, None] * stride_xm
+        acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, hidden, BLOCK_K):
+            k = k0 + kk
+            if EVEN_K:
+                a = tl.load(a_ptr + k[None, :], mask=rmask[:, None], other=0.0)
+                wg = tl.load(wg_ptr + k[:, None], mask=nmask[None, :], other=0.0)
+                wu = tl.load(wu_ptr + k[:, None], mask=nmask[None, :], other=0.0)
+            else:
+                kmask = k < hidden
+                a = tl.load(a_ptr + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+                wg = tl.load(wg_ptr + k[:, None], mask=nmask[None, :] & kmask[:, None], other=0.0)
+                wu = tl.load(wu_ptr + k[:, None], mask=nmask[None, :] & kmask[:, None], other=0.0)
+            acc_g = tl.dot(a, wg, acc_g, input_precision=PREC)  # (M, K) x (K, N)
+            acc_u = tl.dot(a, wu, acc_u, input_precision=PREC)
+        gate = acc_g.to(dt).to(tl.float32)
+        up = acc_u.to(dt).to(tl.float32)
+        act = (gate * tl.sigmoid(gate)).to(dt).to(tl.float32)  # silu, rounded like F.silu's output
+        tl.store(out_ptr + (start + r)[:, None] * stride_om + n[None, :], (act * up).to(dt),
+                 mask=rmask[:, None] & nmask[None, :])
+
+
+@triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, out_ptr, sorted_tok_ptr, starts_ptr, counts_ptr, active_ptr, n_active_ptr,
-                    hidden, inter, stride_xm, stride_we, stride_wn, stride_om,
+                    hidden, inter, stride_xm, stride_we, stride_wn, stride_om, routed_slots,
+                    sw_ptr, s_out_ptr, s_rows_ptr, n_tokens, shared_inter, stride_swn, stride_som,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     EVEN_K: tl.constexpr, PREC: tl.constexpr):
+    """Programs (slot, column tile): slots below ``routed_slots`` serve the experts in use; the ones after them
+    (if launched) the shared experts, ``inter`` columns of the shared MLP each, for every token."""
     slot = tl.program_id(0)
-    if slot < tl.load(n_active_ptr):
-        e = tl.load(active_ptr + slot)
-        start = tl.load(starts_ptr + e)
-        count = tl.load(counts_ptr + e)
-        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        nmask = n < inter
-        kk = tl.arange(0, BLOCK_K)
-        wg_ptr = w_ptr + e.to(tl.int64) * stride_we + n[None, :] * stride_wn  # (1, N) rows of W_gate
-        wu_ptr = wg_ptr + inter * stride_wn  # W_up rows follow the gate rows
-        dt = out_ptr.dtype.element_ty
-        for m0 in range(0, count, BLOCK_M):
-            r = m0 + tl.arange(0, BLOCK_M)
-            rmask = r < count
-            tok = tl.load(sorted_tok_ptr + start + r, mask=rmask, other=0)
-            a_ptr = x_ptr + tok.to(tl.int64)[:, None] * stride_xm
-            acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for k0 in range(0, hidden, BLOCK_K):
-                k = k0 + kk
-                if EVEN_K:
-                    a = tl.load(a_ptr + k[None, :], mask=rmask[:, None], other=0.0)
-                    wg = tl.load(wg_ptr + k[:, None], mask=nmask[None, :], other=0.0)
-                    wu = tl.load(wu_ptr + k[:, None], mask=nmask[None, :], other=0.0)
-                else:
-                    kmask = k < hidden
-                    a = tl.load(a_ptr + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-                    wg = tl.load(wg_ptr + k[:, None], mask=nmask[None, :] & kmask[:, None], other=0.0)
-                    wu = tl.load(wu_ptr + k[:, None], mask=nmask[None, :] & kmask[:, None], other=0.0)
-                acc_g = tl.dot(a, wg, acc_g, input_precision=PREC)  # (M, K) x (K, N)
-                acc_u = tl.dot(a, wu, acc_u, input_precision=PREC)
-            gate = acc_g.to(dt).to(tl.float32)
-            up = acc_u.to(dt).to(tl.float32)
-            act = (gate * tl.sigmoid(gate)).to(dt).to(tl.float32)  # silu, rounded like F.silu's output
-            tl.store(out_ptr + (start + r)[:, None] * stride_om + n[None, :], (act * up).to(dt),
-                     mask=rmask[:, None] & nmask[None, :])
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < inter
+    if slot < routed_slots:
+        if slot < tl.load(n_active_ptr):
+            e = tl.load(active_ptr + slot)
+            wg_ptr = w_ptr + e.to(tl.int64) * stride_we + n[None, :] * stride_wn  # (1, N) rows of W_gate
+            _gate_up_tile(x_ptr, sorted_tok_ptr, tl.load(starts_ptr + e), tl.load(counts_ptr + e), wg_ptr,
+                          wg_ptr + inter * stride_wn, out_ptr, hidden, stride_xm, stride_om, n, nmask,
+                          BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PREC)  # W_up rows follow the gate rows
+    else:
+        col = (slot - routed_slots) * inter  # this slot's first column of the shared MLP
+        wg_ptr = sw_ptr + (col + n[None, :]).to(tl.int64) * stride_swn
+        _gate_up_tile(x_ptr, s_rows_ptr, 0, n_tokens, wg_ptr, wg_ptr + shared_inter * stride_swn, s_out_ptr + col,
+                      hidden, stride_xm, stride_som, n, nmask, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PREC)
+
+
+@triton.jit
+def _down_tile(a_ptr, start, count, kdim, wd_ptr, w_rows_ptr, out_ptr, stride_am, stride_om, n, nmask,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+               PREC: tl.constexpr):
+    """Rows start..start+count of a (kdim wide) times W_down (wd_ptr (1, N) rows), times each row's weight."""
+    kk = tl.arange(0, BLOCK_K)
+    dt = out_ptr.dtype.element_ty
+    for m0 in range(0, count, BLOCK_M):
+        r = m0 + tl.arange(0, BLOCK_M)
+        rmask = r < count
+        row_ptr = a_ptr + (start + r).to(tl.int64)[:, None] * stride_am
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, kdim, BLOCK_K):
+            k = k0 + kk
+            if EVEN_K:
+                a = tl.load(row_ptr + k[None, :], mask=rmask[:, None], other=0.0)
+                w = tl.load(wd_ptr + k[:, None], mask=nmask[None, :], other=0.0)
+            else:
+                kmask = k < kdim
+                a = tl.load(row_ptr + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+                w = tl.load(wd_ptr + k[:, None], mask=nmask[None, :] & kmask[:, None], other=0.0)
+            acc = tl.dot(a, w, acc, input_precision=PREC)
+        weight = tl.load(w_rows_ptr + start + r, mask=rmask, other=0.0)  # (M,) fp32 routing weights
+        y = (acc.to(dt).to(tl.float32) * weight[:, None]).to(dt)
+        tl.store(out_ptr + (start + r)[:, None] * stride_om + n[None, :], y, mask=rmask[:, None] & nmask[None, :])
 
 
 @triton.jit
 def _down_kernel(a_ptr, w_ptr, out_ptr, sorted_w_ptr, starts_ptr, counts_ptr, active_ptr, n_active_ptr,
-                 inter, hidden, stride_am, stride_we, stride_wn, stride_om,
+                 inter, hidden, stride_am, stride_we, stride_wn, stride_om, routed_slots,
+                 sa_ptr, sw_ptr, s_out_ptr, s_ones_ptr, n_tokens, shared_inter, stride_sam, stride_swn, stride_som,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  EVEN_K: tl.constexpr, PREC: tl.constexpr):
+    """Programs (slot, column tile): the experts in use, then (if launched) one slot for the shared experts."""
     slot = tl.program_id(0)
-    if slot < tl.load(n_active_ptr):
-        e = tl.load(active_ptr + slot)
-        start = tl.load(starts_ptr + e)
-        count = tl.load(counts_ptr + e)
-        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        nmask = n < hidden
-        kk = tl.arange(0, BLOCK_K)
-        wd_ptr = w_ptr + e.to(tl.int64) * stride_we + n[None, :] * stride_wn
-        dt = out_ptr.dtype.element_ty
-        for m0 in range(0, count, BLOCK_M):
-            r = m0 + tl.arange(0, BLOCK_M)
-            rmask = r < count
-            row_ptr = a_ptr + (start + r).to(tl.int64)[:, None] * stride_am
-            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for k0 in range(0, inter, BLOCK_K):
-                k = k0 + kk
-                if EVEN_K:
-                    a = tl.load(row_ptr + k[None, :], mask=rmask[:, None], other=0.0)
-                    w = tl.load(wd_ptr + k[:, None], mask=nmask[None, :], other=0.0)
-                else:
-                    kmask = k < inter
-                    a = tl.load(row_ptr + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-                    w = tl.load(wd_ptr + k[:, None], mask=nmask[None, :] & kmask[:, None], other=0.0)
-                acc = tl.dot(a, w, acc, input_precision=PREC)
-            weight = tl.load(sorted_w_ptr + start + r, mask=rmask, other=0.0)  # (M,) fp32 routing weights
-            y = (acc.to(dt).to(tl.float32) * weight[:, None]).to(dt)
-            tl.store(out_ptr + (start + r)[:, None] * stride_om + n[None, :], y,
-                     mask=rmask[:, None] & nmask[None, :])
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < hidden
+    if slot < routed_slots:
+        if slot < tl.load(n_active_ptr):
+            e = tl.load(active_ptr + slot)
+            wd_ptr = w_ptr + e.to(tl.int64) * stride_we + n[None, :] * stride_wn
+            _down_tile(a_ptr, tl.load(starts_ptr + e), tl.load(counts_ptr + e), inter, wd_ptr, sorted_w_ptr,
+                       out_ptr, stride_am, stride_om, n, nmask, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PREC)
+    else:
+        wd_ptr = sw_ptr + n[None, :].to(tl.int64) * stride_swn
+        _down_tile(sa_ptr, 0, n_tokens, shared_inter, wd_ptr, s_ones_ptr, s_out_ptr, stride_sam, stride_som, n,
+                   nmask, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PREC)
 
 
 @triton.jit
@@ -272,8 +302,24 @@ def _block_m(n: int, k: int, num_e: int) -> int:
     return 16 if avg <= 8 else 32 if avg <= 24 else 64
 
 
-def routed_experts(x: torch.Tensor, plan: MoEPlan, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """(N, H) tokens -> (N*k, H) expert outputs in sorted order, already scaled by the routing weights."""
+# Steps of at most this many tokens run the shared experts inside the routed-expert launches (two launches and
+# their cuBLAS matmuls' poor one-row bandwidth saved); every shared program walks all the step's tokens, so
+# with more tokens than one row tile those programs would dominate.
+MAX_SHARED_ROWS = 16
+
+
+def shared_fits(shared_gate_up: torch.Tensor, shared_down: torch.Tensor, inter: int) -> bool:
+    """Whether shared experts of these weights can run inside ``routed_experts``: whole multiples of ``inter``."""
+    s_inter = shared_gate_up.shape[0] // 2
+    return s_inter % inter == 0 and shared_down.shape[1] == s_inter
+
+
+def routed_experts(x: torch.Tensor, plan: MoEPlan, gate_up: torch.Tensor, down: torch.Tensor,
+                   shared: tuple[torch.Tensor, torch.Tensor] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(N, H) tokens -> (N*k, H) expert outputs in sorted order, already scaled by the routing weights, and, when
+    ``shared`` = (gate_up (2*Is, H), down (H, Is)) is given (``shared_fits``), the shared experts' (N, H) output
+    from the same two launches: ``Is / I`` more gate/up slots and one more down slot, over every token."""
     n, hidden = x.shape
     num_e, two_i, _ = gate_up.shape
     inter = two_i // 2
@@ -284,20 +330,37 @@ def routed_experts(x: torch.Tensor, plan: MoEPlan, gate_up: torch.Tensor, down: 
     bm = _block_m(n, k, num_e)
     t1, t2 = TILES["gate_up"], TILES["down"]
     act = torch.empty(n * k, inter, dtype=x.dtype, device=x.device)  # (N*k, I)
+    y = torch.empty(n * k, hidden, dtype=x.dtype, device=x.device)  # (N*k, H)
+    s_slots, s_inter = 0, 0
+    s_act = s_y = s_rows = s_ones = None
+    if shared is not None:
+        s_gu, s_dn = shared
+        s_inter = s_gu.shape[0] // 2
+        s_slots = s_inter // inter
+        s_act = torch.empty(n, s_inter, dtype=x.dtype, device=x.device)  # (N, Is)
+        s_y = torch.empty(n, hidden, dtype=x.dtype, device=x.device)  # (N, H)
+        s_rows = torch.arange(n, dtype=torch.int32, device=x.device)  # every token, in order
+        s_ones = torch.ones(n, dtype=torch.float32, device=x.device)  # shared experts are not weighted
     bn = min(t1["block_n"], _pow2(inter))
     bk = min(t1["block_k"] // (2 if fp32 else 1), _pow2(hidden))
-    _gate_up_kernel[(slots, triton.cdiv(inter, bn))](
+    _gate_up_kernel[(slots + s_slots, triton.cdiv(inter, bn))](
         x, gate_up, act, plan.sorted_tok, plan.starts, plan.counts, plan.active, plan.n_active, hidden, inter,
-        x.stride(0), gate_up.stride(0), gate_up.stride(1), act.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        EVEN_K=hidden % bk == 0, PREC=prec, num_warps=t1["num_warps"], num_stages=t1["num_stages"])
-    y = torch.empty(n * k, hidden, dtype=x.dtype, device=x.device)  # (N*k, H)
+        x.stride(0), gate_up.stride(0), gate_up.stride(1), act.stride(0), slots,
+        s_gu if shared else gate_up, s_act if shared else act, s_rows if shared else plan.sorted_tok, n, s_inter,
+        s_gu.stride(0) if shared else 0, s_act.stride(0) if shared else 0,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=hidden % bk == 0, PREC=prec, num_warps=t1["num_warps"],
+        num_stages=t1["num_stages"])
     bn = min(t2["block_n"], _pow2(hidden))
     bk = min(t2["block_k"] // (2 if fp32 else 1), _pow2(inter))
-    _down_kernel[(slots, triton.cdiv(hidden, bn))](
+    _down_kernel[(slots + (1 if shared else 0), triton.cdiv(hidden, bn))](
         act, down, y, plan.sorted_w, plan.starts, plan.counts, plan.active, plan.n_active, inter, hidden,
-        act.stride(0), down.stride(0), down.stride(1), y.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        EVEN_K=inter % bk == 0, PREC=prec, num_warps=t2["num_warps"], num_stages=t2["num_stages"])
-    return y
+        act.stride(0), down.stride(0), down.stride(1), y.stride(0), slots,
+        s_act if shared else act, s_dn if shared else down, s_y if shared else y, s_ones if shared else plan.sorted_w,
+        n, s_inter, s_act.stride(0) if shared else 0, s_dn.stride(0) if shared else 0,
+        s_y.stride(0) if shared else 0,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=inter % bk == 0, PREC=prec, num_warps=t2["num_warps"],
+        num_stages=t2["num_stages"])
+    return y, s_y
 
 
 def combine_add_norm(y: torch.Tensor, plan: MoEPlan, shared: torch.Tensor | None, h: torch.Tensor,

@@ -42,13 +42,21 @@ def test_routed_experts_match_torch(n, e, k, h, inter, method, dtype):
     assert torch.equal(got.values, want.values)
     assert torch.allclose(plan.weights.gather(1, got.indices), w_ref.gather(1, want.indices), atol=1e-6)
     assert int(plan.n_active) == len(idx_ref.unique())
-    y = triton_moe.routed_experts(x, plan, gu, dn)
-    h_res, shared, norm_w = (torch.randn(n, h, device="cuda").to(dtype), torch.randn(n, h, device="cuda").to(dtype),
-                             (torch.rand(h, device="cuda") + 0.5).to(dtype))
-    h_new = h_res.clone()
-    x_next = triton_moe.combine_add_norm(y, plan, shared, h_new, norm_w, 1e-6)
-    ref = experts_grouped(x.float(), idx_ref, w_ref, gu.float(), dn.float(), F.silu) + shared.float()
+    # Shared experts (two of width inter) inside the same launches, or given as a ready (N, H) tensor.
+    s_gu = (torch.randn(4 * inter, h, device="cuda") * 0.1).to(dtype)
+    s_dn = (torch.randn(h, 2 * inter, device="cuda") * 0.1).to(dtype)
+    assert triton_moe.shared_fits(s_gu, s_dn, inter) and not triton_moe.shared_fits(s_gu[:-2], s_dn[:, :-1], inter)
+    y, none = triton_moe.routed_experts(x, plan, gu, dn)
+    y_in, s_y = triton_moe.routed_experts(x, plan, gu, dn, (s_gu, s_dn))
+    assert none is None and torch.equal(y, y_in)
+    gate, up = F.linear(x.float(), s_gu.float()).chunk(2, dim=-1)
+    s_ref = F.linear(F.silu(gate) * up, s_dn.float())  # (N, H)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert _rel(s_y, s_ref) < tol
+    h_res, norm_w = torch.randn(n, h, device="cuda").to(dtype), (torch.rand(h, device="cuda") + 0.5).to(dtype)
+    h_new = h_res.clone()
+    x_next = triton_moe.combine_add_norm(y, plan, s_y, h_new, norm_w, 1e-6)
+    ref = experts_grouped(x.float(), idx_ref, w_ref, gu.float(), dn.float(), F.silu) + s_ref
     assert _rel(h_new, h_res.float() + ref) < tol
     assert _rel(x_next, norm_w.float() * F.rms_norm(h_res.float() + ref, (h,), eps=1e-6)) < tol
 
