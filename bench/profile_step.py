@@ -27,8 +27,19 @@ def _fused_prefill(engine: Engine, tokens: int):
     engine.runner.max_fused_prefill = tokens
 
 
+def _shared_inside(engine: Engine, on: bool, saved: dict = {}):  # noqa: B006 (holds the default while off)
+    """Shared experts inside the routed-expert kernels (for steps of up to MAX_SHARED_ROWS tokens), or not."""
+    from align.engine import triton_moe  # CUDA machines only
+
+    saved.setdefault("rows", triton_moe.MAX_SHARED_ROWS)
+    triton_moe.MAX_SHARED_ROWS = saved["rows"] if on else 0
+    if engine.graphs is not None:
+        engine.graphs.reset()  # graphs replay what they captured
+
+
 # Name -> (switch it off, switch it back on).
-VARIANTS = {"no-fused-prefill": (lambda e: _fused_prefill(e, 0), lambda e: _fused_prefill(e, MAX_FUSED_PREFILL))}
+VARIANTS = {"no-fused-prefill": (lambda e: _fused_prefill(e, 0), lambda e: _fused_prefill(e, MAX_FUSED_PREFILL)),
+            "no-shared-inside": (lambda e: _shared_inside(e, False), lambda e: _shared_inside(e, True))}
 
 
 def parse_args(argv=None):

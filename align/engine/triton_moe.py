@@ -27,8 +27,12 @@ from .triton_ops import _rms_norm_store
 
 @triton.jit
 def _route_kernel(logits_ptr, idx_ptr, w_ptr, hist_ptr, n_tokens, n_experts, scaling,
+                  counts_ptr, starts_ptr, active_ptr, n_active_ptr, sorted_tok_ptr, sorted_w_ptr, pos_ptr,
                   K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, N_GROUP: tl.constexpr,
-                  GROUP_SIZE: tl.constexpr, TOPK_GROUP: tl.constexpr, BLOCK_G: tl.constexpr):
+                  GROUP_SIZE: tl.constexpr, TOPK_GROUP: tl.constexpr, BLOCK_G: tl.constexpr, PLACE: tl.constexpr,
+                  BLOCK_A: tl.constexpr):
+    """Per block of BLOCK_T tokens: top-k experts and weights, and the block's pairs per expert. ``PLACE`` (the
+    step is one block): the placement too, from this block's counts, saving the second launch."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     e = tl.arange(0, BLOCK_E)
     tmask = t < n_tokens
@@ -62,23 +66,24 @@ def _route_kernel(logits_ptr, idx_ptr, w_ptr, hist_ptr, n_tokens, n_experts, sca
         p = tl.where(e[None, :] == pick[:, None], -1.0, p)
         hist += tl.sum(((pick[:, None] == e[None, :]) & tmask[:, None]).to(tl.int32), axis=0)
     tl.store(hist_ptr + tl.program_id(0) * n_experts + e, hist, mask=emask)
+    if PLACE:
+        tl.debug_barrier()  # the pairs stored above are read back below by other threads of this program
+        _place_block(0, hist, tl.cumsum(hist, axis=0) - hist, idx_ptr, w_ptr, n_tokens * K, n_experts, counts_ptr,
+                     starts_ptr, active_ptr, n_active_ptr, sorted_tok_ptr, sorted_w_ptr, pos_ptr, K, BLOCK_T * K,
+                     BLOCK_A, BLOCK_E)
 
 
 @triton.jit
-def _place_kernel(idx_ptr, w_ptr, hist_ptr, n_assign, n_experts, n_blocks, counts_ptr, starts_ptr, active_ptr,
-                  n_active_ptr, sorted_tok_ptr, sorted_w_ptr, pos_ptr, K: tl.constexpr, PER_BLOCK: tl.constexpr,
-                  BLOCK_A: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr):
-    """Per block of PER_BLOCK (token, slot) pairs: their rows in the stable sort by expert."""
-    c = tl.program_id(0)
+def _place_block(c, counts, base, idx_ptr, w_ptr, n_assign, n_experts, counts_ptr, starts_ptr, active_ptr,
+                 n_active_ptr, sorted_tok_ptr, sorted_w_ptr, pos_ptr, K: tl.constexpr, PER_BLOCK: tl.constexpr,
+                 BLOCK_A: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Rows in the stable sort by expert of routing block c's pairs; ``counts`` (E,) pairs per expert in the
+    step, ``base`` (E,) the first row of this block's pairs of each expert. Block 0 also writes the plan's
+    per-expert counts, starts and list of experts in use."""
     e = tl.arange(0, BLOCK_E)
     emask = e < n_experts
-    blk = tl.arange(0, BLOCK_B)
-    hist = tl.load(hist_ptr + blk[:, None] * n_experts + e[None, :], mask=(blk < n_blocks)[:, None] & emask[None, :],
-                   other=0)  # (blocks, E) pairs per routing block and expert
-    counts = tl.sum(hist, axis=0)
-    starts = tl.cumsum(counts, axis=0) - counts
-    base = starts + tl.sum(tl.where((blk < c)[:, None], hist, 0), axis=0)  # first row of this block's pairs
     if c == 0:
+        starts = tl.cumsum(counts, axis=0) - counts
         tl.store(counts_ptr + e, counts, mask=emask)
         tl.store(starts_ptr + e, starts, mask=emask)
         used = (counts > 0) & emask
@@ -94,6 +99,23 @@ def _place_kernel(idx_ptr, w_ptr, hist_ptr, n_assign, n_experts, n_blocks, count
     tl.store(pos_ptr + a, pos, mask=valid)
     tl.store(sorted_tok_ptr + pos, a // K, mask=valid)
     tl.store(sorted_w_ptr + pos, tl.load(w_ptr + a, mask=valid, other=0.0), mask=valid)
+
+
+@triton.jit
+def _place_kernel(idx_ptr, w_ptr, hist_ptr, n_assign, n_experts, n_blocks, counts_ptr, starts_ptr, active_ptr,
+                  n_active_ptr, sorted_tok_ptr, sorted_w_ptr, pos_ptr, K: tl.constexpr, PER_BLOCK: tl.constexpr,
+                  BLOCK_A: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Per block of PER_BLOCK (token, slot) pairs: their rows in the stable sort by expert."""
+    c = tl.program_id(0)
+    e = tl.arange(0, BLOCK_E)
+    emask = e < n_experts
+    blk = tl.arange(0, BLOCK_B)
+    hist = tl.load(hist_ptr + blk[:, None] * n_experts + e[None, :], mask=(blk < n_blocks)[:, None] & emask[None, :],
+                   other=0)  # (blocks, E) pairs per routing block and expert
+    counts = tl.sum(hist, axis=0)
+    base = tl.cumsum(counts, axis=0) - counts + tl.sum(tl.where((blk < c)[:, None], hist, 0), axis=0)
+    _place_block(c, counts, base, idx_ptr, w_ptr, n_assign, n_experts, counts_ptr, starts_ptr, active_ptr,
+                 n_active_ptr, sorted_tok_ptr, sorted_w_ptr, pos_ptr, K, PER_BLOCK, BLOCK_A, BLOCK_E)
 
 
 @triton.jit
@@ -280,14 +302,18 @@ def route_and_plan(logits: torch.Tensor, routing) -> MoEPlan:
     block_t = max(1, min(16, 4096 // block_e))  # tokens per routing block
     n_blocks = triton.cdiv(n, block_t)
     hist = torch.empty(n_blocks, num_e, dtype=torch.int32, device=logits.device)  # (blocks, E)
+    place = n_blocks == 1  # one routing block: it places its own pairs (one launch instead of two)
+    block_a = triton.next_power_of_2(block_t * k)
     _route_kernel[(n_blocks,)](
-        logits, plan.idx, plan.weights, hist, n, num_e, routing.scaling, K=k, BLOCK_T=block_t, BLOCK_E=block_e,
+        logits, plan.idx, plan.weights, hist, n, num_e, routing.scaling, plan.counts, plan.starts, plan.active,
+        plan.n_active, plan.sorted_tok, plan.sorted_w, plan.pos, K=k, BLOCK_T=block_t, BLOCK_E=block_e,
         N_GROUP=n_group, GROUP_SIZE=num_e // n_group, TOPK_GROUP=routing.topk_group if grouped else 1,
-        BLOCK_G=triton.next_power_of_2(n_group))
-    _place_kernel[(n_blocks,)](
-        plan.idx, plan.weights, hist, n * k, num_e, n_blocks, plan.counts, plan.starts, plan.active, plan.n_active,
-        plan.sorted_tok, plan.sorted_w, plan.pos, K=k, PER_BLOCK=block_t * k,
-        BLOCK_A=triton.next_power_of_2(block_t * k), BLOCK_E=block_e, BLOCK_B=triton.next_power_of_2(n_blocks))
+        BLOCK_G=triton.next_power_of_2(n_group), PLACE=place, BLOCK_A=block_a)
+    if not place:
+        _place_kernel[(n_blocks,)](
+            plan.idx, plan.weights, hist, n * k, num_e, n_blocks, plan.counts, plan.starts, plan.active,
+            plan.n_active, plan.sorted_tok, plan.sorted_w, plan.pos, K=k, PER_BLOCK=block_t * k, BLOCK_A=block_a,
+            BLOCK_E=block_e, BLOCK_B=triton.next_power_of_2(n_blocks))
     return plan
 
 
