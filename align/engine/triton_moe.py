@@ -4,13 +4,18 @@ A decode step has few tokens, so the routed experts are memory-bound: what matte
 batch uses streams its weights once, in tiles spread over every multiprocessor, and that the step launches few
 kernels. Per MoE layer:
 
-  route       fp32 router probabilities -> top-k expert ids and weights (greedy or group-limited greedy)
+  route       fp32 router probabilities -> top-k expert ids and weights (greedy or group-limited greedy); a step
+              of one routing block (up to 16 tokens at 64 experts) also places its pairs, so place is skipped
   place       a stable counting sort of the (token, expert) pairs by expert, one program per routing block
               (each reads every block's per-expert counts from route): per expert its rows' start and count,
               the list of experts in use, and each pair's row in the sorted order
   gate_up     per (expert in use, column tile): gathered token rows x W_gate / W_up, act(gate) * up
   down        per (expert in use, column tile): act rows x W_down, times the routing weight
   combine     per token: sum of its k expert rows + shared experts + residual, then the next RMSNorm
+
+For steps of a few tokens the shared experts ride in gate_up and down as extra slots over every token (their
+width cut into expert-wide column ranges for gate_up, one slot over the whole width for down), instead of three
+more launches whose cuBLAS matmuls stream a one-row weight at a fraction of the bandwidth.
 
 Rounding follows the torch path (``moe.experts_grouped``): matmul outputs are rounded to the activation dtype
 before the activation, the product and the routing weight are applied. No atomics: results are deterministic.
@@ -121,15 +126,18 @@ def _place_kernel(idx_ptr, w_ptr, hist_ptr, n_assign, n_experts, n_blocks, count
 @triton.jit
 def _gate_up_tile(x_ptr, rows_ptr, start, count, wg_ptr, wu_ptr, out_ptr, hidden, stride_xm, stride_om, n, nmask,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                  PREC: tl.constexpr):
-    """act(x W_gate) * (x W_up) for rows ``rows_ptr[start:start+count]`` of x; wg/wu_ptr (1, N) weight rows,
-    out_ptr the first output column, rows written at start + r."""
+                  PREC: tl.constexpr, ALL_ROWS: tl.constexpr):
+    """act(x W_gate) * (x W_up) for rows ``rows_ptr[start:start+count]`` of x (``ALL_ROWS``: rows 0..count-1);
+    wg/wu_ptr (1, N) weight rows, out_ptr the first output column, rows written at start + r."""
     kk = tl.arange(0, BLOCK_K)
     dt = out_ptr.dtype.element_ty
     for m0 in range(0, count, BLOCK_M):
         r = m0 + tl.arange(0, BLOCK_M)
         rmask = r < count
-        tok = tl.load(rows_ptr + start + r, mask=rmask, other=0)
+        if ALL_ROWS:
+            tok = r
+        else:
+            tok = tl.load(rows_ptr + start + r, mask=rmask, other=0)
         a_ptr = x_ptr + tok.to(tl.int64)[:, None] * stride_xm
         acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -156,7 +164,7 @@ def _gate_up_tile(x_ptr, rows_ptr, start, count, wg_ptr, wu_ptr, out_ptr, hidden
 @triton.jit
 def _gate_up_kernel(x_ptr, w_ptr, out_ptr, sorted_tok_ptr, starts_ptr, counts_ptr, active_ptr, n_active_ptr,
                     hidden, inter, stride_xm, stride_we, stride_wn, stride_om, routed_slots,
-                    sw_ptr, s_out_ptr, s_rows_ptr, n_tokens, shared_inter, stride_swn, stride_som,
+                    sw_ptr, s_out_ptr, n_tokens, shared_inter, stride_swn, stride_som,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     EVEN_K: tl.constexpr, PREC: tl.constexpr):
     """Programs (slot, column tile): slots below ``routed_slots`` serve the experts in use; the ones after them
@@ -170,19 +178,20 @@ def _gate_up_kernel(x_ptr, w_ptr, out_ptr, sorted_tok_ptr, starts_ptr, counts_pt
             wg_ptr = w_ptr + e.to(tl.int64) * stride_we + n[None, :] * stride_wn  # (1, N) rows of W_gate
             _gate_up_tile(x_ptr, sorted_tok_ptr, tl.load(starts_ptr + e), tl.load(counts_ptr + e), wg_ptr,
                           wg_ptr + inter * stride_wn, out_ptr, hidden, stride_xm, stride_om, n, nmask,
-                          BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PREC)  # W_up rows follow the gate rows
+                          BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PREC, False)  # W_up rows follow the gate rows
     else:
         col = (slot - routed_slots) * inter  # this slot's first column of the shared MLP
         wg_ptr = sw_ptr + (col + n[None, :]).to(tl.int64) * stride_swn
-        _gate_up_tile(x_ptr, s_rows_ptr, 0, n_tokens, wg_ptr, wg_ptr + shared_inter * stride_swn, s_out_ptr + col,
-                      hidden, stride_xm, stride_som, n, nmask, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PREC)
+        _gate_up_tile(x_ptr, x_ptr, 0, n_tokens, wg_ptr, wg_ptr + shared_inter * stride_swn, s_out_ptr + col,
+                      hidden, stride_xm, stride_som, n, nmask, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PREC, True)
 
 
 @triton.jit
 def _down_tile(a_ptr, start, count, kdim, wd_ptr, w_rows_ptr, out_ptr, stride_am, stride_om, n, nmask,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-               PREC: tl.constexpr):
-    """Rows start..start+count of a (kdim wide) times W_down (wd_ptr (1, N) rows), times each row's weight."""
+               PREC: tl.constexpr, WEIGHTED: tl.constexpr):
+    """Rows start..start+count of a (kdim wide) times W_down (wd_ptr (1, N) rows), times each row's weight
+    (``w_rows_ptr``, if ``WEIGHTED``)."""
     kk = tl.arange(0, BLOCK_K)
     dt = out_ptr.dtype.element_ty
     for m0 in range(0, count, BLOCK_M):
@@ -200,15 +209,18 @@ def _down_tile(a_ptr, start, count, kdim, wd_ptr, w_rows_ptr, out_ptr, stride_am
                 a = tl.load(row_ptr + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
                 w = tl.load(wd_ptr + k[:, None], mask=nmask[None, :] & kmask[:, None], other=0.0)
             acc = tl.dot(a, w, acc, input_precision=PREC)
-        weight = tl.load(w_rows_ptr + start + r, mask=rmask, other=0.0)  # (M,) fp32 routing weights
-        y = (acc.to(dt).to(tl.float32) * weight[:, None]).to(dt)
+        if WEIGHTED:
+            weight = tl.load(w_rows_ptr + start + r, mask=rmask, other=0.0)  # (M,) fp32 routing weights
+            y = (acc.to(dt).to(tl.float32) * weight[:, None]).to(dt)
+        else:
+            y = acc.to(dt)
         tl.store(out_ptr + (start + r)[:, None] * stride_om + n[None, :], y, mask=rmask[:, None] & nmask[None, :])
 
 
 @triton.jit
 def _down_kernel(a_ptr, w_ptr, out_ptr, sorted_w_ptr, starts_ptr, counts_ptr, active_ptr, n_active_ptr,
                  inter, hidden, stride_am, stride_we, stride_wn, stride_om, routed_slots,
-                 sa_ptr, sw_ptr, s_out_ptr, s_ones_ptr, n_tokens, shared_inter, stride_sam, stride_swn, stride_som,
+                 sa_ptr, sw_ptr, s_out_ptr, n_tokens, shared_inter, stride_sam, stride_swn, stride_som,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  EVEN_K: tl.constexpr, PREC: tl.constexpr):
     """Programs (slot, column tile): the experts in use, then (if launched) one slot for the shared experts."""
@@ -220,11 +232,11 @@ def _down_kernel(a_ptr, w_ptr, out_ptr, sorted_w_ptr, starts_ptr, counts_ptr, ac
             e = tl.load(active_ptr + slot)
             wd_ptr = w_ptr + e.to(tl.int64) * stride_we + n[None, :] * stride_wn
             _down_tile(a_ptr, tl.load(starts_ptr + e), tl.load(counts_ptr + e), inter, wd_ptr, sorted_w_ptr,
-                       out_ptr, stride_am, stride_om, n, nmask, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PREC)
+                       out_ptr, stride_am, stride_om, n, nmask, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PREC, True)
     else:
         wd_ptr = sw_ptr + n[None, :].to(tl.int64) * stride_swn
-        _down_tile(sa_ptr, 0, n_tokens, shared_inter, wd_ptr, s_ones_ptr, s_out_ptr, stride_sam, stride_som, n,
-                   nmask, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PREC)
+        _down_tile(sa_ptr, 0, n_tokens, shared_inter, wd_ptr, sa_ptr, s_out_ptr, stride_sam, stride_som, n,
+                   nmask, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PREC, False)  # shared experts are not weighted
 
 
 @triton.jit
@@ -357,36 +369,31 @@ def routed_experts(x: torch.Tensor, plan: MoEPlan, gate_up: torch.Tensor, down: 
     t1, t2 = TILES["gate_up"], TILES["down"]
     act = torch.empty(n * k, inter, dtype=x.dtype, device=x.device)  # (N*k, I)
     y = torch.empty(n * k, hidden, dtype=x.dtype, device=x.device)  # (N*k, H)
-    s_slots, s_inter = 0, 0
-    s_act = s_y = s_rows = s_ones = None
+    # Without shared experts their arguments point at the routed tensors (unread: no program has a shared slot).
+    s_gu, s_dn, s_act, s_y, s_slots, s_inter = gate_up, down, act, y, 0, 0
     if shared is not None:
         s_gu, s_dn = shared
         s_inter = s_gu.shape[0] // 2
         s_slots = s_inter // inter
         s_act = torch.empty(n, s_inter, dtype=x.dtype, device=x.device)  # (N, Is)
         s_y = torch.empty(n, hidden, dtype=x.dtype, device=x.device)  # (N, H)
-        s_rows = torch.arange(n, dtype=torch.int32, device=x.device)  # every token, in order
-        s_ones = torch.ones(n, dtype=torch.float32, device=x.device)  # shared experts are not weighted
     bn = min(t1["block_n"], _pow2(inter))
     bk = min(t1["block_k"] // (2 if fp32 else 1), _pow2(hidden))
     _gate_up_kernel[(slots + s_slots, triton.cdiv(inter, bn))](
         x, gate_up, act, plan.sorted_tok, plan.starts, plan.counts, plan.active, plan.n_active, hidden, inter,
         x.stride(0), gate_up.stride(0), gate_up.stride(1), act.stride(0), slots,
-        s_gu if shared else gate_up, s_act if shared else act, s_rows if shared else plan.sorted_tok, n, s_inter,
-        s_gu.stride(0) if shared else 0, s_act.stride(0) if shared else 0,
+        s_gu, s_act, n, s_inter, s_gu.stride(0), s_act.stride(0),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=hidden % bk == 0, PREC=prec, num_warps=t1["num_warps"],
         num_stages=t1["num_stages"])
     bn = min(t2["block_n"], _pow2(hidden))
     bk = min(t2["block_k"] // (2 if fp32 else 1), _pow2(inter))
-    _down_kernel[(slots + (1 if shared else 0), triton.cdiv(hidden, bn))](
+    _down_kernel[(slots + (1 if shared is not None else 0), triton.cdiv(hidden, bn))](
         act, down, y, plan.sorted_w, plan.starts, plan.counts, plan.active, plan.n_active, inter, hidden,
         act.stride(0), down.stride(0), down.stride(1), y.stride(0), slots,
-        s_act if shared else act, s_dn if shared else down, s_y if shared else y, s_ones if shared else plan.sorted_w,
-        n, s_inter, s_act.stride(0) if shared else 0, s_dn.stride(0) if shared else 0,
-        s_y.stride(0) if shared else 0,
+        s_act, s_dn, s_y, n, s_inter, s_act.stride(0), s_dn.stride(0), s_y.stride(0),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=inter % bk == 0, PREC=prec, num_warps=t2["num_warps"],
         num_stages=t2["num_stages"])
-    return y, s_y
+    return (y, s_y) if shared is not None else (y, None)
 
 
 def combine_add_norm(y: torch.Tensor, plan: MoEPlan, shared: torch.Tensor | None, h: torch.Tensor,
