@@ -109,8 +109,8 @@ class FusedDecoder:
         plan = self.moe.route_and_plan(F.linear(xf, m.router), self.routing)  # fp32 logits (B, E)
         sh = m.shared
         inside = (sh is not None and sh.gate_up_bias is None and sh.down_bias is None
-                  and x.shape[0] <= self.moe.MAX_SHARED_ROWS and self.moe.shared_fits(sh.gate_up, sh.down,
-                                                                                    m.down.shape[2]))
+                  and x.shape[0] <= self.moe.MAX_SHARED_ROWS
+                  and self.moe.shared_fits(sh.gate_up, sh.down, m.down.shape[2]))
         # (B*k, H) routed rows sorted by expert; (B, H) shared experts when they ran in the same launches
         y, shared = self.moe.routed_experts(x, plan, m.gate_up, m.down, (sh.gate_up, sh.down) if inside else None)
         if sh is not None and not inside:
