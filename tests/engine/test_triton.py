@@ -84,14 +84,16 @@ def test_mla_decode_matches_dense_attention(dtype, monkeypatch):
         assert _rel(out[:, i], want) < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
-@pytest.mark.parametrize("seed,fields", [
+@pytest.mark.parametrize("seed,fields,step_tokens", [
     (2, dict(num_attention_heads=4, num_key_value_heads=4, hidden_size=64, moe_intermediate_size=16,
              intermediate_size=64, q_lora_rank=16, topk_method="group_limited_greedy", n_group=4, topk_group=2,
-             routed_scaling_factor=2.0, rope_parameters=YARN, first_k_dense_replace=1)),
+             routed_scaling_factor=2.0, rope_parameters=YARN, first_k_dense_replace=1), 4096),
     (5, dict(hidden_size=48, moe_intermediate_size=24, q_lora_rank=None, topk_method="greedy",
-             first_k_dense_replace=0, attention_bias=True)),
+             first_k_dense_replace=0, attention_bias=True), 4096),
+    (5, dict(hidden_size=48, moe_intermediate_size=24, q_lora_rank=None, topk_method="greedy",
+             first_k_dense_replace=0), 16),  # long prompts prefilled in chunks, attending to cached ones
 ])
-def test_fused_forward_matches_torch_path(tiny, seed, fields):
+def test_fused_forward_matches_torch_path(tiny, seed, fields, step_tokens):
     """Prefill and decode on the fused kernels against the torch path: same tokens, routed experts and scores."""
     config = tiny.config(seed=seed, **fields)
     model = tiny.model(config, seed=seed)
@@ -101,7 +103,7 @@ def test_fused_forward_matches_torch_path(tiny, seed, fields):
     outs, scores, fused_prefills = {}, {}, []
     for kernels in ("torch", "triton"):
         engine = Engine.from_model(model, device="cuda", block_size=4, use_tqdm=False, decode_kernels=kernels,
-                                   cuda_graphs=False)
+                                   cuda_graphs=False, max_num_batched_tokens=step_tokens)
         assert (engine.runner.fused is not None) == (kernels == "triton")
         if engine.runner.fused is not None:
             forward = engine.runner.fused.forward
