@@ -3,7 +3,9 @@
 Random weights (as ``bench/rollout.py``), one prompt batch per ``--batches`` entry. For each batch it times and
 profiles (torch profiler, CUDA activity) a prefill on its own (``max_tokens=1``) and a whole generate, then prints
 per phase: wall time, GPU busy time (sum of kernel times), kernel launches, and the top kernels by total time
-with their call counts and mean duration. Decode rows are the whole run minus the prefill run.
+with their call counts and mean duration. Decode rows are the whole run minus the prefill run. For the profiled
+whole run it also sums the device's idle time between kernels and names the largest gaps (the host holding the
+device back shows there). ``--variants`` first times the same engine with a feature switched off.
 
     PYTHONPATH=. python bench/profile_step.py --preset lite --device cuda --dtype bfloat16 --batches 1 256
 """

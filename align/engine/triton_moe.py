@@ -340,7 +340,7 @@ def _block_m(n: int, k: int, num_e: int) -> int:
     return 16 if avg <= 8 else 32 if avg <= 24 else 64
 
 
-# Steps of at most this many tokens run the shared experts inside the routed-expert launches (two launches and
+# Steps of at most this many tokens run the shared experts inside the routed-expert launches (three launches and
 # their cuBLAS matmuls' poor one-row bandwidth saved); every shared program walks all the step's tokens, so
 # with more tokens than one row tile those programs would dominate.
 MAX_SHARED_ROWS = 16
