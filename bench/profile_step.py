@@ -29,12 +29,13 @@ def _fused_prefill(engine: Engine, tokens: int):
     engine.runner.max_fused_prefill = tokens
 
 
-def _shared_inside(engine: Engine, on: bool, saved: dict = {}):  # noqa: B006 (holds the default while off)
+def _shared_inside(engine: Engine, on: bool):
     """Shared experts inside the routed-expert kernels (for steps of up to MAX_SHARED_ROWS tokens), or not."""
-    from align.engine import triton_moe  # CUDA machines only
+    if engine.runner.fused is None:
+        raise SystemExit("--variants no-shared-inside needs the fused decode kernels (CUDA with Triton)")
+    from align.engine.triton_moe import MAX_SHARED_ROWS
 
-    saved.setdefault("rows", triton_moe.MAX_SHARED_ROWS)
-    triton_moe.MAX_SHARED_ROWS = saved["rows"] if on else 0
+    engine.runner.fused.max_shared_rows = MAX_SHARED_ROWS if on else 0
     if engine.graphs is not None:
         engine.graphs.reset()  # graphs replay what they captured
 

@@ -42,6 +42,7 @@ class FusedDecoder:
         from . import triton_mla, triton_moe, triton_ops
 
         self.mla, self.moe, self.ops = triton_mla, triton_moe, triton_ops
+        self.max_shared_rows = triton_moe.MAX_SHARED_ROWS  # steps this small: shared experts in the expert kernels
         self.weights = weights
         self.cache = cache
         self.shape = shape
@@ -109,7 +110,7 @@ class FusedDecoder:
         plan = self.moe.route_and_plan(F.linear(xf, m.router), self.routing)  # fp32 logits (B, E)
         sh = m.shared
         inside = (sh is not None and sh.gate_up_bias is None and sh.down_bias is None
-                  and x.shape[0] <= self.moe.MAX_SHARED_ROWS
+                  and x.shape[0] <= self.max_shared_rows
                   and self.moe.shared_fits(sh.gate_up, sh.down, m.down.shape[2]))
         # (B*k, H) routed rows sorted by expert; (B, H) shared experts when they ran in the same launches
         y, shared = self.moe.routed_experts(x, plan, m.gate_up, m.down, (sh.gate_up, sh.down) if inside else None)

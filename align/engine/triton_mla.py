@@ -141,7 +141,7 @@ def mla_prep(kv: torch.Tensor, q: torch.Tensor, norm_w: torch.Tensor, rope: torc
 TILES = dict(block_n=32, num_warps=4, num_stages=2, programs_per_sm=1)
 
 
-def split_len(batch: int, context: int, block_n: int, num_sms: int, per_sm: int = 2) -> int:
+def split_len(batch: int, context: int, block_n: int, num_sms: int, per_sm: int) -> int:
     """Keys per program: short batches split their context so that about ``per_sm`` programs run per SM."""
     splits = max(1, min(triton.cdiv(context, block_n), triton.cdiv(per_sm * num_sms, batch)))
     return triton.cdiv(triton.cdiv(context, splits), block_n) * block_n
