@@ -43,6 +43,7 @@ class FusedDecoder:
 
         self.mla, self.moe, self.ops = triton_mla, triton_moe, triton_ops
         self.max_shared_rows = triton_moe.MAX_SHARED_ROWS  # steps this small: shared experts in the expert kernels
+        self.max_router_rows = triton_ops.MAX_ROUTER_ROWS  # and router logits in the norm kernel
         self.weights = weights
         self.cache = cache
         self.shape = shape
@@ -60,19 +61,23 @@ class FusedDecoder:
         sequence) attend through the Triton kernel, any other batch in the expanded form."""
         w, layers, eps = self.weights, self.weights.layers, self.eps
         rope = torch.view_as_real(batch.freqs)  # (N, Dr/2, 2) fp32: scaled cos, sin
-        h = F.embedding(input_ids, w.embed)  # (N, H); updated in place by the fused residual adds
+        h = F.embedding(input_ids, w.embed)  # (N, H) residual stream, updated in place by most fused adds
         x, _ = self.ops.add_rms_norm(h, None, layers[0].input_norm, eps)
         routes = []
         for i, layer in enumerate(layers):
             attn = self._attention(layer.attn, x, batch, rope, i)
-            moe = isinstance(layer.mlp, MoEWeights)
-            x, xf = self.ops.add_rms_norm(h, attn, layer.post_norm, eps, want_f32=moe)
             next_norm = layers[i + 1].input_norm if i + 1 < len(layers) else w.norm
-            if moe:
-                x, idx = self._moe(layer.mlp, x, xf, h, next_norm)
+            if isinstance(layer.mlp, MoEWeights):
+                if h.shape[0] <= self.max_router_rows:  # router logits from the norm kernel; h is a new tensor
+                    h, x, scores = self.ops.add_rms_norm_router(h, attn, layer.post_norm, layer.mlp.router, eps)
+                else:
+                    x, xf = self.ops.add_rms_norm(h, attn, layer.post_norm, eps, want_f32=True)
+                    scores = F.linear(xf, layer.mlp.router)  # (B, E) fp32 router logits
+                x, idx = self._moe(layer.mlp, x, scores, h, next_norm)
                 if record_routing:
                     routes.append(idx)
             else:
+                x, _ = self.ops.add_rms_norm(h, attn, layer.post_norm, eps)
                 x, _ = self.ops.add_rms_norm(h, self._dense(layer.mlp, x), next_norm, eps)
         if logit_rows is not None:
             x = x[logit_rows]
@@ -95,19 +100,21 @@ class FusedDecoder:
             q = F.linear(rms_norm(q, a.q_a_norm, LATENT_NORM_EPS), a.q_b_proj)
         q = q.view(n, hn, dn + s.rope_dim)  # (B, Hn, Dq)
         entries = self.cache.kv[layer].view(-1, self.cache.kv.shape[-1])  # (slots, R+Dr)
-        self.mla.mla_prep(kv, q, a.kv_a_norm, rope, batch.slots, entries, LATENT_NORM_EPS, dn)
-        if batch.context_lens is None or batch.query_len != 1:  # a prefill: q's rope is applied, the cache written
+        decode = batch.context_lens is not None and batch.query_len == 1
+        # Decode also gets the absorbed query (Hn, B, R); a prefill's q has its rope applied, the cache written.
+        q_lat = self.mla.mla_prep(kv, q, a.kv_a_norm, rope, batch.slots, entries, LATENT_NORM_EPS, dn,
+                                  a.w_uk if decode else None)
+        if not decode:
             ctx = self.cache.gather(layer, batch.block_tables, batch.context_len)  # (B, L, R+Dr)
             out = expanded_attention(a, q[..., :dn], q[..., dn:], ctx, batch, s)  # (N, Hn*Dv)
-            return F.linear(out, a.o_proj, a.o_bias)
-        q_lat = torch.bmm(q[..., :dn].transpose(0, 1), a.w_uk)  # (Hn, B, Dn) @ (Hn, Dn, R) -> (Hn, B, R)
-        out_lat = self.mla.mla_decode(q_lat, q, entries, batch.block_tables, batch.context_lens,
-                                      self.cache.block_size, batch.context_len, s.scale, dn, self.num_sms)
-        out = torch.bmm(out_lat, a.w_uv_t)  # (Hn, B, R) @ (Hn, R, Dv) -> (Hn, B, Dv)
-        return F.linear(out.transpose(0, 1).reshape(n, hn * s.v_dim), a.o_proj, a.o_bias)
+        else:
+            out = self.mla.mla_decode(q_lat, q, entries, batch.block_tables, batch.context_lens,
+                                      self.cache.block_size, batch.context_len, s.scale, dn, self.num_sms,
+                                      a.w_uv_t)  # (B, Hn*Dv)
+        return F.linear(out, a.o_proj, a.o_bias)
 
-    def _moe(self, m: MoEWeights, x: torch.Tensor, xf: torch.Tensor, h: torch.Tensor, next_norm: torch.Tensor):
-        plan = self.moe.route_and_plan(F.linear(xf, m.router), self.routing)  # fp32 logits (B, E)
+    def _moe(self, m: MoEWeights, x: torch.Tensor, logits: torch.Tensor, h: torch.Tensor, next_norm: torch.Tensor):
+        plan = self.moe.route_and_plan(logits, self.routing)
         sh = m.shared
         inside = (sh is not None and sh.gate_up_bias is None and sh.down_bias is None
                   and x.shape[0] <= self.max_shared_rows

@@ -1,11 +1,13 @@
 """Triton kernels for absorbed-MLA decode over the paged latent cache (CUDA only).
 
-  prep     per new token: RMSNorm of c_kv and rope of k_pe, written straight into the token's cache slot, and the
-           rope of every head's q_pe, in place
+  prep     per (block of new tokens, head): RMSNorm of c_kv and rope of k_pe, written straight into the tokens'
+           cache slots (head 0), the rope of the head's q_pe, in place, and for decode the absorbed query
+           q_lat = q_nope W_UK, one chunk of latent columns per program (no separate batched matmul)
   decode   per (sequence, split of its context): the absorbed query of all heads, [q_lat | q_pe] (Hn, R+Dr),
            against the sequence's cached [c_kv | k_pe] entries read through its block table; online softmax;
            the output stays in latent space (Hn, R). Splitting the context gives short batches enough programs
-  reduce   per (sequence, head): merge the splits by their log-sum-exp into out_lat (Hn, B, R)
+  reduce   per (block of sequences, head, value columns): merge the splits by their log-sum-exp into out_lat,
+           round it, and multiply by the head's W_UV, writing (B, Hn*Dv) as o_proj reads it
 
 Nothing is gathered into a padded context tensor and keys past a sequence's length are never read, so the
 cost follows the real context lengths, not the padded bucket a CUDA graph was captured for.
@@ -19,37 +21,54 @@ import triton.language as tl
 
 
 @triton.jit
-def _prep_kernel(kv_ptr, q_ptr, norm_w_ptr, rope_ptr, slots_ptr, cache_ptr, eps, stride_kv, stride_qn,
-                 stride_qh, stride_cache, num_heads, R: tl.constexpr, DN: tl.constexpr, DR: tl.constexpr,
-                 BLOCK_R: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr):
-    n = tl.program_id(0)
+def _prep_kernel(kv_ptr, q_ptr, norm_w_ptr, rope_ptr, slots_ptr, cache_ptr, w_uk_ptr, q_lat_ptr, eps, n_tokens,
+                 stride_kv, stride_qn, stride_qh, stride_cache, stride_wh, stride_wd, stride_lh, stride_ln,
+                 R: tl.constexpr, DN: tl.constexpr, DR: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
+                 BLOCK_HALF: tl.constexpr, BLOCK_DN: tl.constexpr, BLOCK_RC: tl.constexpr, Q_LAT: tl.constexpr,
+                 PREC: tl.constexpr):
+    """Programs (token block, head, latent column chunk)."""
+    h = tl.program_id(1)
+    rc = tl.program_id(2)
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tm = t < n_tokens
     dt = cache_ptr.dtype.element_ty
-    slot = tl.load(slots_ptr + n).to(tl.int64)
-    row = cache_ptr + slot * stride_cache
-    # c_kv: RMSNorm in fp32, round, times the weight, round (as ops.rms_norm).
-    r = tl.arange(0, BLOCK_R)
-    rm = r < R
-    c = tl.load(kv_ptr + n * stride_kv + r, mask=rm, other=0.0).to(tl.float32)
-    var = tl.sum(c * c, axis=0) / R
-    normed = (c * tl.math.rsqrt(var + eps)).to(dt).to(tl.float32)
-    w = tl.load(norm_w_ptr + r, mask=rm, other=0.0).to(tl.float32)
-    tl.store(row + r, (w * normed).to(dt), mask=rm)
     # Rope on adjacent pairs (x0, x1) as complex numbers; rope_ptr holds (cos, sin) * attention_scaling pairs.
     j = tl.arange(0, BLOCK_HALF)
-    jm = j < DR // 2
-    fr = tl.load(rope_ptr + n * DR + 2 * j, mask=jm, other=0.0)
-    fi = tl.load(rope_ptr + n * DR + 2 * j + 1, mask=jm, other=0.0)
-    ke = tl.load(kv_ptr + n * stride_kv + R + 2 * j, mask=jm, other=0.0).to(tl.float32)
-    ko = tl.load(kv_ptr + n * stride_kv + R + 2 * j + 1, mask=jm, other=0.0).to(tl.float32)
-    tl.store(row + R + 2 * j, (ke * fr - ko * fi).to(dt), mask=jm)
-    tl.store(row + R + 2 * j + 1, (ke * fi + ko * fr).to(dt), mask=jm)
-    h = tl.arange(0, BLOCK_H)
-    qm = (h < num_heads)[:, None] & jm[None, :]
-    qp = q_ptr + n * stride_qn + h[:, None] * stride_qh + DN + 2 * j[None, :]  # (H, Dr/2) even elements
-    qe = tl.load(qp, mask=qm, other=0.0).to(tl.float32)
-    qo = tl.load(qp + 1, mask=qm, other=0.0).to(tl.float32)
-    tl.store(qp, (qe * fr[None, :] - qo * fi[None, :]).to(dt), mask=qm)
-    tl.store(qp + 1, (qe * fi[None, :] + qo * fr[None, :]).to(dt), mask=qm)
+    pm = tm[:, None] & (j < DR // 2)[None, :]
+    fr = tl.load(rope_ptr + t[:, None] * DR + 2 * j[None, :], mask=pm, other=0.0)  # (T, Dr/2)
+    fi = tl.load(rope_ptr + t[:, None] * DR + 2 * j[None, :] + 1, mask=pm, other=0.0)
+    if (h == 0) & (rc == 0):  # the tokens' cache entries
+        row = cache_ptr + tl.load(slots_ptr + t, mask=tm, other=0).to(tl.int64)[:, None] * stride_cache  # (T, 1)
+        kv_row = kv_ptr + t[:, None] * stride_kv
+        # c_kv: RMSNorm in fp32, round, times the weight, round (as ops.rms_norm).
+        r = tl.arange(0, BLOCK_R)
+        cm = tm[:, None] & (r < R)[None, :]
+        c = tl.load(kv_row + r[None, :], mask=cm, other=0.0).to(tl.float32)  # (T, R)
+        var = tl.sum(c * c, axis=1) / R
+        normed = (c * tl.math.rsqrt(var + eps)[:, None]).to(dt).to(tl.float32)
+        w = tl.load(norm_w_ptr + r, mask=r < R, other=0.0).to(tl.float32)
+        tl.store(row + r[None, :], (w[None, :] * normed).to(dt), mask=cm)
+        ke = tl.load(kv_row + R + 2 * j[None, :], mask=pm, other=0.0).to(tl.float32)
+        ko = tl.load(kv_row + R + 2 * j[None, :] + 1, mask=pm, other=0.0).to(tl.float32)
+        tl.store(row + R + 2 * j[None, :], (ke * fr - ko * fi).to(dt), mask=pm)
+        tl.store(row + R + 2 * j[None, :] + 1, (ke * fi + ko * fr).to(dt), mask=pm)
+    q_row = q_ptr + t[:, None] * stride_qn + h * stride_qh  # (T, 1) this head's query
+    if rc == 0:  # this head's q_pe, rotated in place
+        qe = tl.load(q_row + DN + 2 * j[None, :], mask=pm, other=0.0).to(tl.float32)
+        qo = tl.load(q_row + DN + 2 * j[None, :] + 1, mask=pm, other=0.0).to(tl.float32)
+        tl.store(q_row + DN + 2 * j[None, :], (qe * fr - qo * fi).to(dt), mask=pm)
+        tl.store(q_row + DN + 2 * j[None, :] + 1, (qe * fi + qo * fr).to(dt), mask=pm)
+    if Q_LAT:  # q_lat = q_nope W_UK, one chunk of latent columns
+        d = tl.arange(0, BLOCK_DN)
+        dm = d < DN
+        c = rc * BLOCK_RC + tl.arange(0, BLOCK_RC)
+        cm = c < R
+        q_nope = tl.load(q_row + d[None, :], mask=tm[:, None] & dm[None, :], other=0.0)  # (T, Dn)
+        w_uk = tl.load(w_uk_ptr + h * stride_wh + d[:, None] * stride_wd + c[None, :],
+                       mask=dm[:, None] & cm[None, :], other=0.0)  # (Dn, C)
+        q_lat = tl.dot(q_nope, w_uk, input_precision=PREC)  # (T, C)
+        tl.store(q_lat_ptr + h * stride_lh + t[:, None] * stride_ln + c[None, :], q_lat.to(dt),
+                 mask=tm[:, None] & cm[None, :])
 
 
 @triton.jit
@@ -102,21 +121,40 @@ def _decode_kernel(qlat_ptr, q_ptr, cache_ptr, tables_ptr, ctx_ptr, o_ptr, lse_p
 
 
 @triton.jit
-def _reduce_kernel(o_ptr, lse_ptr, out_ptr, n_splits, stride_ob, stride_os, stride_oh, stride_lb, stride_ls,
-                   stride_outh, stride_outb, R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr):
-    b = tl.program_id(0)
+def _reduce_kernel(o_ptr, lse_ptr, w_uv_ptr, out_ptr, n_seqs, n_splits, stride_ob, stride_os, stride_oh,
+                   stride_lb, stride_ls, stride_wh, stride_wr, stride_outb,
+                   R: tl.constexpr, DV: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_RC: tl.constexpr,
+                   BLOCK_V: tl.constexpr, PREC: tl.constexpr):
+    """Programs (block of sequences, head, value column chunk)."""
     h = tl.program_id(1)
-    s = tl.arange(0, BLOCK_S)
-    sm = s < n_splits
-    r = tl.arange(0, BLOCK_R)
-    rm = r < R
-    lse = tl.load(lse_ptr + b * stride_lb + s * stride_ls + h, mask=sm, other=float("-inf"))
-    w = tl.exp(lse - tl.max(lse, axis=0))  # split 0 always holds key 0, so the max is finite
-    w = w / tl.sum(w, axis=0)
-    o = tl.load(o_ptr + b * stride_ob + s[:, None] * stride_os + h * stride_oh + r[None, :],
-                mask=sm[:, None] & rm[None, :], other=0.0)
-    out = tl.sum(o * w[:, None], axis=0)
-    tl.store(out_ptr + h * stride_outh + b * stride_outb + r, out.to(out_ptr.dtype.element_ty), mask=rm)
+    b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    bm = b < n_seqs
+    lse_row = lse_ptr + b * stride_lb + h
+    m = tl.full([BLOCK_B], float("-inf"), tl.float32)
+    for s in range(n_splits):
+        m = tl.maximum(m, tl.load(lse_row + s * stride_ls, mask=bm, other=float("-inf")))
+    m = tl.where(bm, m, 0.0)  # split 0 always holds key 0, so a real sequence's max is finite
+    total = tl.zeros([BLOCK_B], tl.float32)
+    for s in range(n_splits):
+        total += tl.exp(tl.load(lse_row + s * stride_ls, mask=bm, other=float("-inf")) - m)
+    total = tl.where(bm, total, 1.0)
+    v = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
+    vm = v < DV
+    acc = tl.zeros([BLOCK_B, BLOCK_V], tl.float32)
+    for r0 in range(0, R, BLOCK_RC):
+        r = r0 + tl.arange(0, BLOCK_RC)
+        rm = r < R
+        lat = tl.zeros([BLOCK_B, BLOCK_RC], tl.float32)  # out_lat columns r: the splits merged
+        for s in range(n_splits):
+            w = tl.exp(tl.load(lse_row + s * stride_ls, mask=bm, other=float("-inf")) - m) / total
+            o = tl.load(o_ptr + b[:, None] * stride_ob + s * stride_os + h * stride_oh + r[None, :],
+                        mask=bm[:, None] & rm[None, :], other=0.0)
+            lat += o * w[:, None]
+        w_uv = tl.load(w_uv_ptr + h * stride_wh + r[:, None] * stride_wr + v[None, :],
+                       mask=rm[:, None] & vm[None, :], other=0.0)  # (C, V)
+        acc = tl.dot(lat.to(w_uv.dtype), w_uv, acc, input_precision=PREC)  # out_lat rounded, as the torch path
+    tl.store(out_ptr + b[:, None] * stride_outb + h * DV + v[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=bm[:, None] & vm[None, :])
 
 
 def _pow2(n: int, lo: int = 16) -> int:
@@ -124,16 +162,24 @@ def _pow2(n: int, lo: int = 16) -> int:
 
 
 def mla_prep(kv: torch.Tensor, q: torch.Tensor, norm_w: torch.Tensor, rope: torch.Tensor, slots: torch.Tensor,
-             cache: torch.Tensor, eps: float, nope_dim: int) -> None:
+             cache: torch.Tensor, eps: float, nope_dim: int, w_uk: torch.Tensor | None = None) -> torch.Tensor | None:
     """kv (N, R+Dr) = [c_kv | k_pe] before norm and rope; q (N, Hn, Dn+Dr), its q_pe rotated in place;
-    rope (N, Dr/2, 2) fp32; cache (slots, R+Dr) one layer's entries, written at ``slots`` (N,)."""
+    rope (N, Dr/2, 2) fp32; cache (slots, R+Dr) one layer's entries, written at ``slots`` (N,).
+    With ``w_uk`` (Hn, Dn, R) also returns the absorbed query q_lat = q_nope W_UK, (Hn, N, R)."""
     n, width = kv.shape
     num_heads, dq = q.shape[1], q.shape[2]
     dr = dq - nope_dim
     rank = width - dr
-    _prep_kernel[(n,)](kv, q, norm_w, rope, slots, cache, eps, kv.stride(0), q.stride(0), q.stride(1),
-                       cache.stride(0), num_heads, R=rank, DN=nope_dim, DR=dr, BLOCK_R=_pow2(rank, 1),
-                       BLOCK_HALF=_pow2(dr // 2, 1), BLOCK_H=_pow2(num_heads, 1), num_warps=4)
+    block_t = 16  # tokens per program (the least rows of a tl.dot)
+    block_rc = min(128, _pow2(rank))  # latent columns of q_lat per program
+    q_lat = None if w_uk is None else torch.empty(num_heads, n, rank, dtype=q.dtype, device=q.device)  # (Hn, N, R)
+    out, w = (q_lat, w_uk) if w_uk is not None else (q, q)  # (unread without w_uk)
+    _prep_kernel[(triton.cdiv(n, block_t), num_heads, triton.cdiv(rank, block_rc) if w_uk is not None else 1)](
+        kv, q, norm_w, rope, slots, cache, w, out, eps, n, kv.stride(0), q.stride(0), q.stride(1), cache.stride(0),
+        w.stride(0), w.stride(1), out.stride(0), out.stride(1), R=rank, DN=nope_dim, DR=dr, BLOCK_T=block_t,
+        BLOCK_R=_pow2(rank, 1), BLOCK_HALF=_pow2(dr // 2, 1), BLOCK_DN=_pow2(nope_dim), BLOCK_RC=block_rc,
+        Q_LAT=w_uk is not None, PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
+    return q_lat
 
 
 # Tile of the decode kernel (bf16/fp16; fp32 halves block_n) and programs aimed for per SM when a batch is too
@@ -149,15 +195,18 @@ def split_len(batch: int, context: int, block_n: int, num_sms: int, per_sm: int)
 
 def mla_decode(q_lat: torch.Tensor, q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
                context_lens: torch.Tensor, block_size: int, max_context: int, scale: float, nope_dim: int,
-               num_sms: int) -> torch.Tensor:
-    """Absorbed attention of one new token per sequence.
+               num_sms: int, w_uv_t: torch.Tensor) -> torch.Tensor:
+    """Absorbed attention of one new token per sequence, up to the value heads.
 
     q_lat (Hn, B, R) = q_nope W_UK; q (B, Hn, Dn+Dr) holding rotated q_pe; cache (slots, R+Dr) one layer;
-    block_tables (B, max_blocks); context_lens (B,) keys per sequence (<= max_context). -> out_lat (Hn, B, R).
+    block_tables (B, max_blocks); context_lens (B,) keys per sequence (<= max_context); w_uv_t (Hn, R, Dv).
+    -> (B, Hn*Dv): per head out_lat W_UV, laid out as o_proj reads it.
     """
     num_heads, b, rank = q_lat.shape
     dr = q.shape[2] - nope_dim
+    dv = w_uv_t.shape[2]
     fp32 = q.dtype == torch.float32
+    prec = "ieee" if fp32 else "tf32"
     t = TILES
     block_n = t["block_n"] // 2 if fp32 else t["block_n"]
     per_split = split_len(b, max_context, block_n, num_sms, t["programs_per_sm"])
@@ -169,10 +218,12 @@ def mla_decode(q_lat: torch.Tensor, q: torch.Tensor, cache: torch.Tensor, block_
         q_lat, q, cache, block_tables, context_lens, o, lse, scale, per_split, num_heads, q_lat.stride(0),
         q_lat.stride(1), q.stride(0), q.stride(1), cache.stride(0), block_tables.stride(0), o.stride(0),
         o.stride(1), o.stride(2), lse.stride(0), lse.stride(1), R=rank, DN=nope_dim, DR=dr, BLOCK_SIZE=block_size,
-        BLOCK_H=block_h, BLOCK_R=block_r, BLOCK_DR=_pow2(dr), BLOCK_N=block_n, PREC="ieee" if fp32 else "tf32",
+        BLOCK_H=block_h, BLOCK_R=block_r, BLOCK_DR=_pow2(dr), BLOCK_N=block_n, PREC=prec,
         num_warps=min(t["num_warps"], 4) if block_r <= 256 else t["num_warps"], num_stages=t["num_stages"])
-    out = torch.empty(num_heads, b, rank, dtype=q.dtype, device=q.device)  # (Hn, B, R)
-    _reduce_kernel[(b, num_heads)](o, lse, out, splits, o.stride(0), o.stride(1), o.stride(2), lse.stride(0),
-                                   lse.stride(1), out.stride(0), out.stride(1), R=rank,
-                                   BLOCK_S=triton.next_power_of_2(splits), BLOCK_R=block_r, num_warps=4)
+    out = torch.empty(b, num_heads * dv, dtype=q.dtype, device=q.device)  # (B, Hn*Dv)
+    block_b, block_v = 16, min(64, _pow2(dv))
+    _reduce_kernel[(triton.cdiv(b, block_b), num_heads, triton.cdiv(dv, block_v))](
+        o, lse, w_uv_t, out, b, splits, o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
+        w_uv_t.stride(0), w_uv_t.stride(1), out.stride(0), R=rank, DV=dv, BLOCK_B=block_b,
+        BLOCK_RC=min(64, block_r), BLOCK_V=block_v, PREC=prec, num_warps=4)
     return out
