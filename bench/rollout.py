@@ -5,9 +5,10 @@ ignored, so both sides produce exactly batch x new-tokens tokens. Prints a markd
 prints the peak memory of each run and the fraction of the memory-bandwidth bound reached: the bytes the decode
 steps cannot avoid reading (all non-expert weights, the routed experts the batch is expected to touch under
 uniform routing, the latent cache) over the run's time (prefill included), against the device-to-device copy
-bandwidth measured at start (or ``--peak-gbps``). Each measured run follows a warm-up on the same prompts (the
-engine's a full one, so decode graphs are already captured; transformers' a 4-token one); ``--repeats`` times the
-engine several times and reports the median.
+bandwidth measured at start (or ``--peak-gbps``); for the engine also per decode step (the bound is defined
+per step), a prefill-only run (one new token) of the same prompts taken off the run's time. Each measured run
+follows a warm-up on the same prompts (the engine's a full one, so decode graphs are already captured;
+transformers' a 4-token one); ``--repeats`` times the engine several times and reports the median.
 
 ``--grpo`` adds the GRPO-shaped case (``--grpo-prompts`` prompts x n=``--grpo-n`` samples, prompt
 ``--grpo-prompt-len``, ``--grpo-new-tokens`` new tokens, engine only) with its tok/s and the latent-cache bytes
@@ -207,7 +208,7 @@ def main(argv=None):
     g = torch.Generator().manual_seed(args.seed)
     header = ["impl", "batch", "prompt", "new", "time s", "tokens/s", "engine speedup"]
     if cuda:
-        header += ["peak GiB", "run extra GiB", "BW-bound fraction"]
+        header += ["peak GiB", "run extra GiB", "BW fraction, run", "decode ms/step", "BW fraction, step"]
     rows = []
     for batch in args.batches:
         prompts = torch.randint(0, config.vocab_size, (batch, args.prompt_len), generator=g).tolist()
@@ -239,6 +240,16 @@ def main(argv=None):
                 peak = torch.cuda.max_memory_allocated(device)
                 bound = bound_bytes(config, engine, batch, args.prompt_len, args.new_tokens)
                 extra = {"peak": peak / 2**30, "extra": (peak - base) / 2**30, "bw": bound / (bw * 1e9) / dt}
+                if name.startswith("engine") and args.new_tokens > 1:
+                    # Decode steps alone: the run minus a prefill-only run (one token) of the same prompts.
+                    pre = []
+                    for _ in range(args.repeats):
+                        t0 = time.perf_counter()
+                        run_engine(engine, prompts, 1, device)
+                        sync(device)
+                        pre.append(time.perf_counter() - t0)
+                    step = (dt - sorted(pre)[len(pre) // 2]) / (args.new_tokens - 1)
+                    extra.update(step=step, step_bw=bound / (args.new_tokens - 1) / (bw * 1e9) / step)
             results[name] = (dt, n, extra)
         hf = results.get("transformers generate")
         for name, (dt, n, extra) in results.items():
@@ -246,6 +257,7 @@ def main(argv=None):
             row = [name, batch, args.prompt_len, args.new_tokens, f"{dt:.2f}", f"{n / dt:.1f}", speed]
             if cuda:
                 row += [f"{extra['peak']:.2f}", f"{extra['extra']:.2f}", f"{extra['bw']:.3f}"]
+                row += [f"{extra['step'] * 1e3:.3f}", f"{extra['step_bw']:.3f}"] if "step" in extra else ["", ""]
             rows.append(row)
     engine.lookahead = lookahead
     fused = engine.runner.fused is not None

@@ -67,13 +67,14 @@ def mla(batch: int, context: int, top: int, dev):
     tables = torch.randperm(blocks - 1, device=dev)[:batch * nb].view(batch, nb) + 1
     q_lat = torch.randn(heads, batch, rank, device=dev, dtype=torch.bfloat16)
     q = torch.randn(batch, heads, dn + dr, device=dev, dtype=torch.bfloat16)
+    w_uv = torch.randn(heads, rank, 128, device=dev, dtype=torch.bfloat16)  # (Hn, R, Dv)
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
 
     def fn():
-        triton_mla.mla_decode(q_lat, q, cache, tables, lens, bs, context, 0.1, dn, sms)
+        triton_mla.mla_decode(q_lat, q, cache, tables, lens, bs, context, 0.1, dn, sms, w_uv)
 
     grid = dict(block_n=[16, 32, 64], num_warps=[4, 8], num_stages=[1, 2, 3], programs_per_sm=[1, 2, 4])
-    nbytes = int(lens.sum()) * (rank + dr) * 2
+    nbytes = int(lens.sum()) * (rank + dr) * 2 + w_uv.numel() * 2
     table(f"MLA decode, batch {batch}, context {context // 2}-{context}", sweep(triton_mla.TILES, grid, fn),
           nbytes, top)
 

@@ -123,38 +123,38 @@ def _decode_kernel(qlat_ptr, q_ptr, cache_ptr, tables_ptr, ctx_ptr, o_ptr, lse_p
 @triton.jit
 def _reduce_kernel(o_ptr, lse_ptr, w_uv_ptr, out_ptr, n_seqs, n_splits, stride_ob, stride_os, stride_oh,
                    stride_lb, stride_ls, stride_wh, stride_wr, stride_outb,
-                   R: tl.constexpr, DV: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_RC: tl.constexpr,
-                   BLOCK_V: tl.constexpr, PREC: tl.constexpr):
-    """Programs (block of sequences, head, value column chunk)."""
+                   R: tl.constexpr, DV: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr,
+                   BLOCK_RC: tl.constexpr, BLOCK_V: tl.constexpr, PREC: tl.constexpr):
+    """Programs (block of sequences, head, value column chunk). BLOCK_B = 1: the product with W_UV as a
+    broadcast sum (small batches, many splits); BLOCK_B >= 16: as tl.dot over the block's sequences."""
     h = tl.program_id(1)
     b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     bm = b < n_seqs
-    lse_row = lse_ptr + b * stride_lb + h
-    m = tl.full([BLOCK_B], float("-inf"), tl.float32)
-    for s in range(n_splits):
-        m = tl.maximum(m, tl.load(lse_row + s * stride_ls, mask=bm, other=float("-inf")))
-    m = tl.where(bm, m, 0.0)  # split 0 always holds key 0, so a real sequence's max is finite
-    total = tl.zeros([BLOCK_B], tl.float32)
-    for s in range(n_splits):
-        total += tl.exp(tl.load(lse_row + s * stride_ls, mask=bm, other=float("-inf")) - m)
-    total = tl.where(bm, total, 1.0)
+    s = tl.arange(0, BLOCK_S)
+    sm = s < n_splits
+    lse = tl.load(lse_ptr + b[:, None] * stride_lb + s[None, :] * stride_ls + h, mask=bm[:, None] & sm[None, :],
+                  other=float("-inf"))  # (B, S)
+    m = tl.where(bm, tl.max(lse, axis=1), 0.0)  # split 0 always holds key 0, so a real sequence's max is finite
+    w = tl.exp(lse - m[:, None])
+    w = w / tl.where(bm, tl.sum(w, axis=1), 1.0)[:, None]  # (B, S) each split's share
     v = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
     vm = v < DV
+    dt = out_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_B, BLOCK_V], tl.float32)
     for r0 in range(0, R, BLOCK_RC):
         r = r0 + tl.arange(0, BLOCK_RC)
         rm = r < R
-        lat = tl.zeros([BLOCK_B, BLOCK_RC], tl.float32)  # out_lat columns r: the splits merged
-        for s in range(n_splits):
-            w = tl.exp(tl.load(lse_row + s * stride_ls, mask=bm, other=float("-inf")) - m) / total
-            o = tl.load(o_ptr + b[:, None] * stride_ob + s * stride_os + h * stride_oh + r[None, :],
-                        mask=bm[:, None] & rm[None, :], other=0.0)
-            lat += o * w[:, None]
+        o = tl.load(o_ptr + b[:, None, None] * stride_ob + s[None, :, None] * stride_os + h * stride_oh
+                    + r[None, None, :], mask=(bm[:, None] & sm[None, :])[:, :, None] & rm[None, None, :],
+                    other=0.0)  # (B, S, C)
+        lat = tl.sum(o * w[:, :, None], axis=1).to(dt)  # (B, C) out_lat, rounded as the torch path rounds it
         w_uv = tl.load(w_uv_ptr + h * stride_wh + r[:, None] * stride_wr + v[None, :],
                        mask=rm[:, None] & vm[None, :], other=0.0)  # (C, V)
-        acc = tl.dot(lat.to(w_uv.dtype), w_uv, acc, input_precision=PREC)  # out_lat rounded, as the torch path
-    tl.store(out_ptr + b[:, None] * stride_outb + h * DV + v[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=bm[:, None] & vm[None, :])
+        if BLOCK_B >= 16:
+            acc = tl.dot(lat, w_uv, acc, input_precision=PREC)
+        else:
+            acc += tl.sum(lat.to(tl.float32)[:, :, None] * w_uv.to(tl.float32)[None, :, :], axis=1)
+    tl.store(out_ptr + b[:, None] * stride_outb + h * DV + v[None, :], acc.to(dt), mask=bm[:, None] & vm[None, :])
 
 
 def _pow2(n: int, lo: int = 16) -> int:
@@ -221,9 +221,14 @@ def mla_decode(q_lat: torch.Tensor, q: torch.Tensor, cache: torch.Tensor, block_
         BLOCK_H=block_h, BLOCK_R=block_r, BLOCK_DR=_pow2(dr), BLOCK_N=block_n, PREC=prec,
         num_warps=min(t["num_warps"], 4) if block_r <= 256 else t["num_warps"], num_stages=t["num_stages"])
     out = torch.empty(b, num_heads * dv, dtype=q.dtype, device=q.device)  # (B, Hn*Dv)
-    block_b, block_v = 16, min(64, _pow2(dv))
+    # Small batches (many splits): a program per sequence; larger ones: 16 sequences a program, through tl.dot.
+    # Tiles of o and W_UV kept near 8K elements.
+    block_b = 1 if b <= 16 else 16
+    block_s = triton.next_power_of_2(splits)
+    block_v = min(32 if block_b == 1 else 64, _pow2(dv))
+    block_rc = max(16, min(block_r, 8192 // max(block_b * block_s, block_v)))
     _reduce_kernel[(triton.cdiv(b, block_b), num_heads, triton.cdiv(dv, block_v))](
         o, lse, w_uv_t, out, b, splits, o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
-        w_uv_t.stride(0), w_uv_t.stride(1), out.stride(0), R=rank, DV=dv, BLOCK_B=block_b,
-        BLOCK_RC=min(64, block_r), BLOCK_V=block_v, PREC=prec, num_warps=4)
+        w_uv_t.stride(0), w_uv_t.stride(1), out.stride(0), R=rank, DV=dv, BLOCK_B=block_b, BLOCK_S=block_s,
+        BLOCK_RC=block_rc, BLOCK_V=block_v, PREC=prec, num_warps=4)
     return out

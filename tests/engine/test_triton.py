@@ -62,26 +62,82 @@ def test_routed_experts_match_torch(n, e, k, h, inter, method, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_mla_decode_matches_dense_attention(dtype, monkeypatch):
+@pytest.mark.parametrize("b", [3, 19])  # one and two blocks of sequences in the reduce
+def test_mla_decode_matches_dense_attention(dtype, b, monkeypatch):
     from align.engine import triton_mla
 
-    torch.manual_seed(1)
+    torch.manual_seed(b)
     monkeypatch.setattr(triton_mla, "split_len", lambda b, c, bn, sms, per_sm=2: bn)  # as many splits as possible
-    hn, rank, dr, dn, bs, b = 16, 40, 8, 16, 4, 3
-    ctx = torch.tensor([5, 97, 18], device="cuda")
+    hn, rank, dr, dn, dv, bs = 16, 40, 8, 16, 12, 4
+    ctx = torch.randint(1, 98, (b,), device="cuda")
+    ctx[0] = 97
     n_blocks = 80
     cache = torch.randn(n_blocks * bs, rank + dr, device="cuda").to(dtype)
     tables = torch.stack([torch.randperm(n_blocks, device="cuda")[:32] for _ in range(b)])
     q_lat = torch.randn(hn, b, rank, device="cuda").to(dtype)
     q = torch.randn(b, hn, dn + dr, device="cuda").to(dtype)
-    out = triton_mla.mla_decode(q_lat, q, cache, tables, ctx, bs, 128, 0.3, dn, 132)
+    w_uv = torch.randn(hn, rank, dv, device="cuda").to(dtype)
+    out = triton_mla.mla_decode(q_lat, q, cache, tables, ctx, bs, 128, 0.3, dn, 132, w_uv)
+    assert out.shape == (b, hn * dv)
     for i in range(b):
         n = int(ctx[i])
         slots = tables[i, torch.arange(n, device="cuda") // bs] * bs + torch.arange(n, device="cuda") % bs
         kv = cache[slots].float()  # (n, R+Dr)
         qc = torch.cat([q_lat[:, i], q[i, :, dn:]], -1).float()  # (Hn, R+Dr)
-        want = (qc @ kv.T * 0.3).softmax(-1) @ kv[:, :rank]
-        assert _rel(out[:, i], want) < (1e-5 if dtype == torch.float32 else 1e-2)
+        lat = (qc @ kv.T * 0.3).softmax(-1) @ kv[:, :rank]  # (Hn, R)
+        want = torch.bmm(lat[:, None], w_uv.float())[:, 0].reshape(-1)  # (Hn*Dv,)
+        assert _rel(out[i], want) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mla_prep_writes_cache_ropes_and_absorbs(dtype):
+    from align.engine import triton_mla
+    from align.engine.ops import rms_norm
+
+    torch.manual_seed(4)
+    n, hn, rank, dr, dn, slots_total = 21, 3, 40, 8, 16, 200
+    kv = torch.randn(n, rank + dr, device="cuda").to(dtype)
+    q = torch.randn(n, hn, dn + dr, device="cuda").to(dtype)
+    rope = torch.randn(n, dr // 2, 2, device="cuda")
+    norm_w = (torch.rand(rank, device="cuda") + 0.5).to(dtype)
+    slots = torch.randperm(slots_total, device="cuda")[:n]
+    cache = torch.randn(slots_total, rank + dr, device="cuda").to(dtype)
+    w_uk = torch.randn(hn, dn, rank, device="cuda").to(dtype)
+    q0, cache0 = q.clone(), cache.clone()
+    q_lat = triton_mla.mla_prep(kv, q, norm_w, rope, slots, cache, 1e-6, dn, w_uk)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert _rel(q_lat, torch.bmm(q0[..., :dn].transpose(0, 1).float(), w_uk.float())) < tol
+    assert _rel(cache[slots, :rank], rms_norm(kv[:, :rank], norm_w, 1e-6)) < tol
+    freqs = torch.view_as_complex(rope)  # (N, Dr/2)
+    k_pe = torch.view_as_real(torch.view_as_complex(kv[:, rank:].float().reshape(n, -1, 2)) * freqs)
+    assert _rel(cache[slots, rank:], k_pe.reshape(n, dr)) < tol
+    q_pe = torch.view_as_real(torch.view_as_complex(q0[..., dn:].float().reshape(n, hn, -1, 2)) * freqs[:, None])
+    assert _rel(q[..., dn:], q_pe.reshape(n, hn, dr)) < tol and torch.equal(q[..., :dn], q0[..., :dn])
+    others = torch.ones(slots_total, dtype=torch.bool, device="cuda")
+    others[slots] = False
+    assert torch.equal(cache[others], cache0[others])  # no other slot written
+    q2, cache2 = q0.clone(), cache0.clone()  # without W_UK (a prefill): the same writes, no q_lat
+    assert triton_mla.mla_prep(kv, q2, norm_w, rope, slots, cache2, 1e-6, dn) is None
+    assert torch.equal(q2, q) and torch.equal(cache2, cache)
+
+
+@pytest.mark.parametrize("n,e", [(1, 64), (5, 10)])
+def test_add_rms_norm_router_matches_torch(n, e):
+    from align.engine import triton_ops
+    from align.engine.ops import rms_norm
+
+    torch.manual_seed(n)
+    hidden = 96
+    h = torch.randn(n, hidden, device="cuda").to(torch.bfloat16)
+    delta = torch.randn(n, hidden, device="cuda").to(torch.bfloat16)
+    norm_w = (torch.rand(hidden, device="cuda") + 0.5).to(torch.bfloat16)
+    router = torch.randn(e, hidden, device="cuda")
+    h0 = h.clone()
+    h_new, x, logits = triton_ops.add_rms_norm_router(h, delta, norm_w, router, 1e-6)
+    assert torch.equal(h, h0)  # the residual comes back as a new tensor
+    assert torch.equal(h_new, h0 + delta)
+    assert _rel(x, rms_norm(h0 + delta, norm_w, 1e-6)) < 4e-3  # bf16 rounding of the normalised values
+    assert _rel(logits, F.linear(x.float(), router)) < 1e-6
 
 
 @pytest.mark.parametrize("seed,fields,step_tokens", [
