@@ -5,6 +5,12 @@ prints one markdown table per kernel and batch, fastest first, with the bytes it
 settings live in the modules' ``TILES`` dicts; this script only changes them for the duration of a timing.
 
     PYTHONPATH=. python bench/tune_kernels.py --batches 1 32 256
+
+``--in-step`` instead times whole decode steps of the engine on random DeepSeek-V2-Lite weights (CUDA graphs
+replayed, the way rollouts run) with each candidate of ``STEP_CANDIDATES`` in turn: kernels of a few µs are
+timed where they run, between their neighbours, not as lone launches.
+
+    PYTHONPATH=. python bench/tune_kernels.py --in-step --batches 1 32
 """
 
 from __future__ import annotations
@@ -26,6 +32,9 @@ def parse_args(argv=None):
     p.add_argument("--context", type=int, default=256, help="longest context; lengths drawn from [context/2, it]")
     p.add_argument("--kernels", nargs="+", default=["mla", "experts", "sample"])
     p.add_argument("--top", type=int, default=6)
+    p.add_argument("--in-step", action="store_true", help="time whole decode steps per candidate (see above)")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
     return p.parse_args(argv)
 
 
@@ -102,10 +111,60 @@ def sample(batch: int, top: int, dev):
     table(f"sampling, batch {batch}, vocab {vocab}", [("default", ms)], logits.numel() * 4, top)
 
 
+# Tile changes tried by --in-step, each {TILES key: overrides}; the first is the settings as they are.
+_MOE, _MLA = triton_moe.TILES, triton_mla.TILES
+STEP_CANDIDATES = [{}] + [{key: o} for key in ("gate_up", "down") for o in (
+    dict(block_n=32, num_stages=4), dict(block_n=32, num_stages=5), dict(num_stages=4), dict(num_stages=5))]
+STEP_CANDIDATES += [{"mla": dict(block_n=16)}, {"mla": dict(programs_per_sm=2)}]
+
+
+def in_step(args, dev):
+    from align.engine import Engine
+    from bench.profile_step import timed
+    from bench.rollout import build_model
+
+    model = build_model(argparse.Namespace(preset="lite", vocab_size=None, seed=0), torch.bfloat16, dev)
+    vocab = model.config.vocab_size
+    engine = Engine.from_model(model, max_num_seqs=max(args.batches),
+                               max_num_batched_tokens=max(args.batches) * args.prompt_len,
+                               max_model_len=args.prompt_len + args.new_tokens + 16, use_tqdm=False, seed=0)
+    del model
+    for batch in args.batches:
+        prompts = torch.randint(0, vocab, (batch, args.prompt_len)).tolist()
+        timed(engine, prompts, args.new_tokens, dev, profiled=False)  # first run: compiles, allocates
+        rows = []
+        for cand in STEP_CANDIDATES + STEP_CANDIDATES[:1]:  # the baseline again last: drift shows
+            dicts = {key: _MLA if key == "mla" else _MOE[key] for key in cand}
+            saved = {key: dict(d) for key, d in dicts.items()}
+            for key, over in cand.items():
+                dicts[key].update(over)
+            try:
+                engine.graphs.reset()  # graphs replay the tiles they captured
+                timed(engine, prompts, args.new_tokens, dev, profiled=False)  # warm-up: compile, capture
+                # The prefill is host-bound and varies run to run: take the best of several of each.
+                pre = min(timed(engine, prompts, 1, dev, False)[0] for _ in range(5))
+                run = min(timed(engine, prompts, args.new_tokens, dev, False)[0] for _ in range(3))
+                name = "; ".join(f"{k} " + ", ".join(f"{a}={v}" for a, v in o.items()) for k, o in cand.items())
+                rows.append((name or "as is", (run - pre) / (args.new_tokens - 1)))
+            except Exception as e:  # a tile too big for the SM's resources
+                print(f"skip {cand}: {type(e).__name__}")
+            finally:
+                for key, d in dicts.items():
+                    d.clear()
+                    d.update(saved[key])
+        engine.graphs.reset()
+        print(f"\n### decode step, batch {batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens\n")
+        print("| setting | ms per step |\n|---|---|")
+        for name, sec in sorted(rows, key=lambda r: r[1]):
+            print(f"| {name} | {sec * 1e3:.3f} |")
+
+
 def main(argv=None):
     args = parse_args(argv)
     dev = torch.device("cuda")
     torch.manual_seed(0)
+    if args.in_step:
+        return in_step(args, dev)
     for b in args.batches:
         if "sample" in args.kernels:
             sample(b, args.top, dev)

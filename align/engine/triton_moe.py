@@ -13,8 +13,9 @@ kernels. Per MoE layer:
   down        per (expert in use, column tile): act rows x W_down, times the routing weight
   combine     per token: sum of its k expert rows + shared experts + residual, then the next RMSNorm
 
-For steps of a few tokens the shared experts ride in gate_up and down as extra slots over every token (their
-width cut into expert-wide column ranges for gate_up, one slot over the whole width for down), instead of three
+For steps of a few tokens the shared experts ride in gate_up and down as extra slots over every token, their
+width cut into expert-wide ranges (columns for gate_up; for down, summed ranges of the reduction, whose fp32
+partial sums combine adds), so every program streams as much weight as a routed expert's, instead of three
 more launches whose cuBLAS matmuls stream a one-row weight at a fraction of the bandwidth.
 
 Rounding follows the torch path (``moe.experts_grouped``): matmul outputs are rounded to the activation dtype
@@ -220,10 +221,11 @@ def _down_tile(a_ptr, start, count, kdim, wd_ptr, w_rows_ptr, out_ptr, stride_am
 @triton.jit
 def _down_kernel(a_ptr, w_ptr, out_ptr, sorted_w_ptr, starts_ptr, counts_ptr, active_ptr, n_active_ptr,
                  inter, hidden, stride_am, stride_we, stride_wn, stride_om, routed_slots,
-                 sa_ptr, sw_ptr, s_out_ptr, n_tokens, shared_inter, stride_sam, stride_swn, stride_som,
+                 sa_ptr, sw_ptr, s_out_ptr, n_tokens, stride_sam, stride_swn, stride_sop, stride_som,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  EVEN_K: tl.constexpr, PREC: tl.constexpr):
-    """Programs (slot, column tile): the experts in use, then (if launched) one slot for the shared experts."""
+    """Programs (slot, column tile): the experts in use, then (if launched) the shared experts' slots, each over
+    ``inter`` of their hidden units (so every program streams as much weight), writing fp32 partial sums."""
     slot = tl.program_id(0)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < hidden
@@ -234,14 +236,16 @@ def _down_kernel(a_ptr, w_ptr, out_ptr, sorted_w_ptr, starts_ptr, counts_ptr, ac
             _down_tile(a_ptr, tl.load(starts_ptr + e), tl.load(counts_ptr + e), inter, wd_ptr, sorted_w_ptr,
                        out_ptr, stride_am, stride_om, n, nmask, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PREC, True)
     else:
-        wd_ptr = sw_ptr + n[None, :].to(tl.int64) * stride_swn
-        _down_tile(sa_ptr, 0, n_tokens, shared_inter, wd_ptr, sa_ptr, s_out_ptr, stride_sam, stride_som, n,
-                   nmask, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PREC, False)  # shared experts are not weighted
+        part = slot - routed_slots  # hidden units part*inter .. (part+1)*inter of the shared MLP
+        wd_ptr = sw_ptr + n[None, :].to(tl.int64) * stride_swn + part * inter
+        _down_tile(sa_ptr + part * inter, 0, n_tokens, inter, wd_ptr, sa_ptr, s_out_ptr + part * stride_sop,
+                   stride_sam, stride_som, n, nmask, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PREC,
+                   False)  # shared experts are not weighted
 
 
 @triton.jit
-def _combine_kernel(y_ptr, pos_ptr, shared_ptr, h_ptr, norm_w_ptr, x_ptr, hidden, eps,
-                    K: tl.constexpr, BLOCK_H: tl.constexpr, HAS_SHARED: tl.constexpr):
+def _combine_kernel(y_ptr, pos_ptr, shared_ptr, h_ptr, norm_w_ptr, x_ptr, hidden, eps, stride_sp,
+                    K: tl.constexpr, BLOCK_H: tl.constexpr, SHARED_PARTS: tl.constexpr):
     t = tl.program_id(0)
     c = tl.arange(0, BLOCK_H)
     cm = c < hidden
@@ -251,8 +255,11 @@ def _combine_kernel(y_ptr, pos_ptr, shared_ptr, h_ptr, norm_w_ptr, x_ptr, hidden
         row = tl.load(pos_ptr + t * K + j).to(tl.int64)
         acc += tl.load(y_ptr + row * hidden + c, mask=cm, other=0.0).to(tl.float32)
     out = acc.to(dt).to(tl.float32)
-    if HAS_SHARED:
-        out = (out + tl.load(shared_ptr + t * hidden + c, mask=cm, other=0.0).to(tl.float32)).to(dt).to(tl.float32)
+    if SHARED_PARTS > 0:  # the shared experts' output: the sum of its parts, rounded as one matmul's output
+        s = tl.zeros([BLOCK_H], tl.float32)
+        for p in tl.static_range(SHARED_PARTS):
+            s += tl.load(shared_ptr + p * stride_sp + t * hidden + c, mask=cm, other=0.0).to(tl.float32)
+        out = (out + s.to(dt).to(tl.float32)).to(dt).to(tl.float32)
     h = (tl.load(h_ptr + t * hidden + c, mask=cm, other=0.0).to(tl.float32) + out).to(dt)
     tl.store(h_ptr + t * hidden + c, h, mask=cm)
     _rms_norm_store(h.to(tl.float32), norm_w_ptr, x_ptr + t * hidden, c, cm, hidden, eps)
@@ -311,7 +318,7 @@ def route_and_plan(logits: torch.Tensor, routing) -> MoEPlan:
     grouped = routing.method == "group_limited_greedy"
     n_group = routing.n_group if grouped else 1
     block_e = triton.next_power_of_2(num_e)
-    block_t = max(1, min(16, 4096 // block_e))  # tokens per routing block
+    block_t = max(1, min(16, 4096 // block_e, triton.next_power_of_2(n)))  # tokens per routing block
     n_blocks = triton.cdiv(n, block_t)
     hist = torch.empty(n_blocks, num_e, dtype=torch.int32, device=logits.device)  # (blocks, E)
     place = n_blocks == 1  # one routing block: it places its own pairs (one launch instead of two)
@@ -356,8 +363,9 @@ def routed_experts(x: torch.Tensor, plan: MoEPlan, gate_up: torch.Tensor, down: 
                    shared: tuple[torch.Tensor, torch.Tensor] | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(N, H) tokens -> (N*k, H) expert outputs in sorted order, already scaled by the routing weights, and, when
-    ``shared`` = (gate_up (2*Is, H), down (H, Is)) is given (``shared_fits``), the shared experts' (N, H) output
-    from the same two launches: ``Is / I`` more gate/up slots and one more down slot, over every token."""
+    ``shared`` = (gate_up (2*Is, H), down (H, Is)) is given (``shared_fits``), the shared experts' output from the
+    same two launches, ``Is / I`` more slots in each, over every token: (Is / I, N, H) fp32 partial sums (over
+    ``I`` hidden units each) whose sum is the output."""
     n, hidden = x.shape
     num_e, two_i, _ = gate_up.shape
     inter = two_i // 2
@@ -370,13 +378,13 @@ def routed_experts(x: torch.Tensor, plan: MoEPlan, gate_up: torch.Tensor, down: 
     act = torch.empty(n * k, inter, dtype=x.dtype, device=x.device)  # (N*k, I)
     y = torch.empty(n * k, hidden, dtype=x.dtype, device=x.device)  # (N*k, H)
     # Without shared experts their arguments point at the routed tensors (unread: no program has a shared slot).
-    s_gu, s_dn, s_act, s_y, s_slots, s_inter = gate_up, down, act, y, 0, 0
+    s_gu, s_dn, s_act, s_y, s_slots, s_inter = gate_up, down, act, y[None], 0, 0
     if shared is not None:
         s_gu, s_dn = shared
         s_inter = s_gu.shape[0] // 2
         s_slots = s_inter // inter
         s_act = torch.empty(n, s_inter, dtype=x.dtype, device=x.device)  # (N, Is)
-        s_y = torch.empty(n, hidden, dtype=x.dtype, device=x.device)  # (N, H)
+        s_y = torch.empty(s_slots, n, hidden, dtype=torch.float32, device=x.device)  # (Is/I, N, H)
     bn = min(t1["block_n"], _pow2(inter))
     bk = min(t1["block_k"] // (2 if fp32 else 1), _pow2(hidden))
     _gate_up_kernel[(slots + s_slots, triton.cdiv(inter, bn))](
@@ -387,10 +395,10 @@ def routed_experts(x: torch.Tensor, plan: MoEPlan, gate_up: torch.Tensor, down: 
         num_stages=t1["num_stages"])
     bn = min(t2["block_n"], _pow2(hidden))
     bk = min(t2["block_k"] // (2 if fp32 else 1), _pow2(inter))
-    _down_kernel[(slots + (1 if shared is not None else 0), triton.cdiv(hidden, bn))](
+    _down_kernel[(slots + s_slots, triton.cdiv(hidden, bn))](
         act, down, y, plan.sorted_w, plan.starts, plan.counts, plan.active, plan.n_active, inter, hidden,
         act.stride(0), down.stride(0), down.stride(1), y.stride(0), slots,
-        s_act, s_dn, s_y, n, s_inter, s_act.stride(0), s_dn.stride(0), s_y.stride(0),
+        s_act, s_dn, s_y, n, s_act.stride(0), s_dn.stride(0), s_y.stride(0), s_y.stride(1),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=inter % bk == 0, PREC=prec, num_warps=t2["num_warps"],
         num_stages=t2["num_stages"])
     return (y, s_y) if shared is not None else (y, None)
@@ -398,10 +406,14 @@ def routed_experts(x: torch.Tensor, plan: MoEPlan, gate_up: torch.Tensor, down: 
 
 def combine_add_norm(y: torch.Tensor, plan: MoEPlan, shared: torch.Tensor | None, h: torch.Tensor,
                      norm_w: torch.Tensor, eps: float) -> torch.Tensor:
-    """h += sum of each token's k expert rows (+ shared experts), in place; returns RMSNorm(h) * norm_w."""
+    """h += sum of each token's k expert rows (+ shared experts: (N, H), or (parts, N, H) partial sums as
+    ``routed_experts`` gives them), in place; returns RMSNorm(h) * norm_w."""
     n, hidden = h.shape
     x = torch.empty_like(h)
+    if shared is not None and shared.dim() == 2:
+        shared = shared[None]
     _combine_kernel[(n,)](y, plan.pos, shared if shared is not None else h, h, norm_w, x, hidden, eps,
-                          K=plan.idx.shape[1], BLOCK_H=triton.next_power_of_2(hidden),
-                          HAS_SHARED=shared is not None, num_warps=4)
+                          shared.stride(0) if shared is not None else 0, K=plan.idx.shape[1],
+                          BLOCK_H=triton.next_power_of_2(hidden),
+                          SHARED_PARTS=shared.shape[0] if shared is not None else 0, num_warps=4)
     return x
