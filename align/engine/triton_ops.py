@@ -93,10 +93,11 @@ def add_rms_norm_router(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tens
     num_e = router.shape[0]
     h_out, x = torch.empty_like(h), torch.empty_like(h)
     logits = torch.empty(n, num_e, dtype=torch.float32, device=h.device)
-    block_e = min(4, triton.next_power_of_2(num_e))
+    block_h = triton.next_power_of_2(hidden)
+    block_e = max(1, min(4, triton.next_power_of_2(num_e), 8192 // block_h))  # router tile of <= 8K fp32
     _add_norm_router_kernel[(n, triton.cdiv(num_e, block_e))](
-        h, delta, weight, router, h_out, x, logits, hidden, num_e, eps, BLOCK_H=triton.next_power_of_2(hidden),
-        BLOCK_E=block_e, num_warps=4)
+        h, delta, weight, router, h_out, x, logits, hidden, num_e, eps, BLOCK_H=block_h, BLOCK_E=block_e,
+        num_warps=4 if block_h <= 2048 else 8)
     return h_out, x, logits
 
 

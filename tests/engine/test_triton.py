@@ -121,13 +121,12 @@ def test_mla_prep_writes_cache_ropes_and_absorbs(dtype):
     assert torch.equal(q2, q) and torch.equal(cache2, cache)
 
 
-@pytest.mark.parametrize("n,e", [(1, 64), (5, 10)])
-def test_add_rms_norm_router_matches_torch(n, e):
+@pytest.mark.parametrize("n,e,hidden", [(1, 64, 96), (5, 10, 96), (3, 160, 5120)])  # last: DeepSeek-V2's widths
+def test_add_rms_norm_router_matches_torch(n, e, hidden):
     from align.engine import triton_ops
     from align.engine.ops import rms_norm
 
     torch.manual_seed(n)
-    hidden = 96
     h = torch.randn(n, hidden, device="cuda").to(torch.bfloat16)
     delta = torch.randn(n, hidden, device="cuda").to(torch.bfloat16)
     norm_w = (torch.rand(hidden, device="cuda") + 0.5).to(torch.bfloat16)
