@@ -90,12 +90,13 @@ def test_mla_decode_matches_dense_attention(dtype, b, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_mla_prep_writes_cache_ropes_and_absorbs(dtype):
+@pytest.mark.parametrize("n", [21, 150])  # blocks of 16 tokens; of 64, the last one partial
+def test_mla_prep_writes_cache_ropes_and_absorbs(dtype, n):
     from align.engine import triton_mla
     from align.engine.ops import rms_norm
 
-    torch.manual_seed(4)
-    n, hn, rank, dr, dn, slots_total = 21, 3, 40, 8, 16, 200
+    torch.manual_seed(n)
+    hn, rank, dr, dn, slots_total = 3, 40, 8, 16, 200
     kv = torch.randn(n, rank + dr, device="cuda").to(dtype)
     q = torch.randn(n, hn, dn + dr, device="cuda").to(dtype)
     rope = torch.randn(n, dr // 2, 2, device="cuda")
