@@ -21,15 +21,6 @@ import triton.language as tl
 
 
 @triton.jit
-def _rope_pairs(rope_ptr, t, tm, j, DR: tl.constexpr):
-    """(cos, sin) * attention_scaling of tokens t (T,) at pair indices j, as two (T, Dr/2) fp32 tiles."""
-    pm = tm[:, None] & (j < DR // 2)[None, :]
-    fr = tl.load(rope_ptr + t[:, None] * DR + 2 * j[None, :], mask=pm, other=0.0)
-    fi = tl.load(rope_ptr + t[:, None] * DR + 2 * j[None, :] + 1, mask=pm, other=0.0)
-    return fr, fi, pm
-
-
-@triton.jit
 def _prep_kernel(kv_ptr, q_ptr, norm_w_ptr, rope_ptr, slots_ptr, cache_ptr, w_uk_ptr, q_lat_ptr, eps, n_tokens,
                  stride_kv, stride_qn, stride_qh, stride_cache, stride_wh, stride_wd, stride_lh, stride_ln,
                  R: tl.constexpr, DN: tl.constexpr, DR: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -41,30 +32,28 @@ def _prep_kernel(kv_ptr, q_ptr, norm_w_ptr, rope_ptr, slots_ptr, cache_ptr, w_uk
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     tm = t < n_tokens
     dt = cache_ptr.dtype.element_ty
-    # Rope on adjacent pairs (x0, x1) as complex numbers.
+    # Rope on adjacent pairs (x0, x1) as complex numbers; rope_ptr holds (cos, sin) * attention_scaling pairs.
     j = tl.arange(0, BLOCK_HALF)
-    if (h == 0) & (rc == 0):  # the tokens' cache entries, 16 at a time (a (16, R) fp32 tile)
+    pm = tm[:, None] & (j < DR // 2)[None, :]
+    fr = tl.load(rope_ptr + t[:, None] * DR + 2 * j[None, :], mask=pm, other=0.0)  # (T, Dr/2)
+    fi = tl.load(rope_ptr + t[:, None] * DR + 2 * j[None, :] + 1, mask=pm, other=0.0)
+    if (h == 0) & (rc == 0):  # the tokens' cache entries
+        row = cache_ptr + tl.load(slots_ptr + t, mask=tm, other=0).to(tl.int64)[:, None] * stride_cache  # (T, 1)
+        kv_row = kv_ptr + t[:, None] * stride_kv
+        # c_kv: RMSNorm in fp32, round, times the weight, round (as ops.rms_norm).
         r = tl.arange(0, BLOCK_R)
+        cm = tm[:, None] & (r < R)[None, :]
+        c = tl.load(kv_row + r[None, :], mask=cm, other=0.0).to(tl.float32)  # (T, R)
+        var = tl.sum(c * c, axis=1) / R
+        normed = (c * tl.math.rsqrt(var + eps)[:, None]).to(dt).to(tl.float32)
         w = tl.load(norm_w_ptr + r, mask=r < R, other=0.0).to(tl.float32)
-        for t0 in tl.static_range(0, BLOCK_T, 16):
-            ts = tl.program_id(0) * BLOCK_T + t0 + tl.arange(0, 16)
-            tsm = ts < n_tokens
-            row = cache_ptr + tl.load(slots_ptr + ts, mask=tsm, other=0).to(tl.int64)[:, None] * stride_cache
-            kv_row = kv_ptr + ts[:, None] * stride_kv
-            # c_kv: RMSNorm in fp32, round, times the weight, round (as ops.rms_norm).
-            cm = tsm[:, None] & (r < R)[None, :]
-            c = tl.load(kv_row + r[None, :], mask=cm, other=0.0).to(tl.float32)  # (16, R)
-            var = tl.sum(c * c, axis=1) / R
-            normed = (c * tl.math.rsqrt(var + eps)[:, None]).to(dt).to(tl.float32)
-            tl.store(row + r[None, :], (w[None, :] * normed).to(dt), mask=cm)
-            fr, fi, pm = _rope_pairs(rope_ptr, ts, tsm, j, DR)
-            ke = tl.load(kv_row + R + 2 * j[None, :], mask=pm, other=0.0).to(tl.float32)
-            ko = tl.load(kv_row + R + 2 * j[None, :] + 1, mask=pm, other=0.0).to(tl.float32)
-            tl.store(row + R + 2 * j[None, :], (ke * fr - ko * fi).to(dt), mask=pm)
-            tl.store(row + R + 2 * j[None, :] + 1, (ke * fi + ko * fr).to(dt), mask=pm)
+        tl.store(row + r[None, :], (w[None, :] * normed).to(dt), mask=cm)
+        ke = tl.load(kv_row + R + 2 * j[None, :], mask=pm, other=0.0).to(tl.float32)
+        ko = tl.load(kv_row + R + 2 * j[None, :] + 1, mask=pm, other=0.0).to(tl.float32)
+        tl.store(row + R + 2 * j[None, :], (ke * fr - ko * fi).to(dt), mask=pm)
+        tl.store(row + R + 2 * j[None, :] + 1, (ke * fi + ko * fr).to(dt), mask=pm)
     q_row = q_ptr + t[:, None] * stride_qn + h * stride_qh  # (T, 1) this head's query
     if rc == 0:  # this head's q_pe, rotated in place
-        fr, fi, pm = _rope_pairs(rope_ptr, t, tm, j, DR)
         qe = tl.load(q_row + DN + 2 * j[None, :], mask=pm, other=0.0).to(tl.float32)
         qo = tl.load(q_row + DN + 2 * j[None, :] + 1, mask=pm, other=0.0).to(tl.float32)
         tl.store(q_row + DN + 2 * j[None, :], (qe * fr - qo * fi).to(dt), mask=pm)
@@ -181,7 +170,7 @@ def mla_prep(kv: torch.Tensor, q: torch.Tensor, norm_w: torch.Tensor, rope: torc
     num_heads, dq = q.shape[1], q.shape[2]
     dr = dq - nope_dim
     rank = width - dr
-    block_t = 16 if n <= 64 else 64  # tokens per program (16: the least rows of a tl.dot); W_UK read per block
+    block_t = 16  # tokens per program (the least rows of a tl.dot); 64 was twice as slow at 256 tokens
     block_rc = min(128, _pow2(rank))  # latent columns of q_lat per program
     q_lat = None if w_uk is None else torch.empty(num_heads, n, rank, dtype=q.dtype, device=q.device)  # (Hn, N, R)
     out, w = (q_lat, w_uk) if w_uk is not None else (q, q)  # (unread without w_uk)
