@@ -1,8 +1,10 @@
 """The forward pass on CUDA from fused Triton kernels: decode steps, and prefills of a few hundred tokens.
 
-Same maths as ``ModelRunner.forward``'s torch path, about 20 launches per layer instead of about 70: the
-residual add is fused into the next RMSNorm, the MLA cache write, norm and rope into one kernel, and the routed
-experts run as sorted grouped matmuls that read each used expert's weights once (``triton_moe``). Dense matmuls
+Same maths as ``ModelRunner.forward``'s torch path, about 11 launches per layer at decode instead of about 70:
+the residual add is fused into the next RMSNorm (which also computes the router's logits for steps of a few
+tokens), the MLA cache write, norm, rope and the W_UK product into one kernel, the W_UV product into the
+attention's split reduce, and the routed experts run as sorted grouped matmuls that read each used expert's
+weights once (``triton_moe``). Dense matmuls
 stay with cuBLAS. Decode attention reads the paged cache through the block tables (``triton_mla``); a prefill
 attends in the expanded form over the gathered context, as the torch path does. Small prefills are bound by
 the host launching kernels, not by the GPU (a 128-token prompt of DeepSeek-V2-Lite: ~1,800 launches, ~58 ms,
