@@ -101,6 +101,17 @@ def run_engine(engine, prompts, new_tokens, device):
     return sum(len(o.outputs[0].token_ids) for o in outs)
 
 
+def median_time(fn, repeats: int, device):
+    """(median seconds of ``repeats`` calls of ``fn``, each to its device sync; the last call's result)."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2], out
+
+
 def copy_gbps(device) -> float:
     """Device-to-device copy bandwidth (bytes read + written per second, GB/s), median of 10 copies of 2 GiB."""
     src = torch.empty(2 << 30, dtype=torch.uint8, device=device)
@@ -169,10 +180,7 @@ def run_grpo(args, engine: Engine, config, device, bw_gbps):
     sync(device)
     engine.reset_stats()
     torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    outs = engine.generate(prompts, sp, use_tqdm=False)
-    sync(device)
-    dt = time.perf_counter() - t0
+    dt, outs = median_time(lambda: engine.generate(prompts, sp, use_tqdm=False), 1, device)
     n = sum(len(c.token_ids) for o in outs for c in o.outputs)
     st = engine.stats
     block_bytes = engine.kv_bytes_per_token() * engine.blocks.block_size
@@ -228,13 +236,7 @@ def main(argv=None):
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
                 base = torch.cuda.memory_allocated(device)
-            times = []
-            for _ in range(args.repeats if name == "engine" else 1):
-                t0 = time.perf_counter()
-                n = fn()
-                sync(device)
-                times.append(time.perf_counter() - t0)
-            dt = sorted(times)[len(times) // 2]
+            dt, n = median_time(fn, args.repeats if name == "engine" else 1, device)
             extra = {}
             if cuda:
                 peak = torch.cuda.max_memory_allocated(device)
@@ -242,13 +244,8 @@ def main(argv=None):
                 extra = {"peak": peak / 2**30, "extra": (peak - base) / 2**30, "bw": bound / (bw * 1e9) / dt}
                 if name.startswith("engine") and args.new_tokens > 1:
                     # Decode steps alone: the run minus a prefill-only run (one token) of the same prompts.
-                    pre = []
-                    for _ in range(args.repeats):
-                        t0 = time.perf_counter()
-                        run_engine(engine, prompts, 1, device)
-                        sync(device)
-                        pre.append(time.perf_counter() - t0)
-                    step = (dt - sorted(pre)[len(pre) // 2]) / (args.new_tokens - 1)
+                    pre, _ = median_time(lambda: run_engine(engine, prompts, 1, device), args.repeats, device)
+                    step = (dt - pre) / (args.new_tokens - 1)
                     extra.update(step=step, step_bw=bound / (args.new_tokens - 1) / (bw * 1e9) / step)
             results[name] = (dt, n, extra)
         hf = results.get("transformers generate")

@@ -96,7 +96,7 @@ def experts(batch: int, top: int, dev):
     dn = torch.randn(e, hidden, inter, device=dev, dtype=torch.bfloat16) * 0.02
     plan = triton_moe.route_and_plan(F.linear(x.float(), router), Routing(e, k, "greedy", None, None, 1.0))
     used = int(plan.n_active)
-    for kernel, per_expert in (("gate_up", 2 * inter * hidden * 2), ("down", inter * hidden * 2)):
+    for kernel in ("gate_up", "down"):
         grid = dict(block_n=[32, 64, 128], block_k=[64, 128, 256], num_warps=[4], num_stages=[3, 4])
         rows = sweep(triton_moe.TILES[kernel], grid, lambda: triton_moe.routed_experts(x, plan, gu, dn)[0])
         table(f"routed experts (both kernels), sweeping {kernel}, batch {batch}, {used} experts in use", rows,

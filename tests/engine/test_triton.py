@@ -67,7 +67,7 @@ def test_mla_decode_matches_dense_attention(dtype, b, monkeypatch):
     from align.engine import triton_mla
 
     torch.manual_seed(b)
-    monkeypatch.setattr(triton_mla, "split_len", lambda b, c, bn, sms, per_sm=2: bn)  # as many splits as possible
+    monkeypatch.setattr(triton_mla, "split_len", lambda b, c, bn, sms, per_sm: bn)  # as many splits as possible
     hn, rank, dr, dn, dv, bs = 16, 40, 8, 16, 12, 4
     ctx = torch.randint(1, 98, (b,), device="cuda")
     ctx[0] = 97
@@ -90,7 +90,7 @@ def test_mla_decode_matches_dense_attention(dtype, b, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n", [21, 150])  # blocks of 16 tokens; of 64, the last one partial
+@pytest.mark.parametrize("n", [21, 150])  # 2 and 10 blocks of 16 tokens, the last one partial
 def test_mla_prep_writes_cache_ropes_and_absorbs(dtype, n):
     from align.engine import triton_mla
     from align.engine.ops import rms_norm
