@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--out", default="data")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--force", action="store_true", help="replace existing generated files")
+    val = data_sub.add_parser("validation", help="write a math validation split disjoint from the given files "
+                                                 "(choose recipe settings on it, not on the held-out set)")
+    val.add_argument("--out", default="data/math/validation.jsonl")
+    val.add_argument("--avoid", nargs="+", default=["data/math/train.jsonl", "data/math/heldout.jsonl"])
+    val.add_argument("--n", type=int, default=200)
+    val.add_argument("--seed", type=int, default=0)
 
     for stage, (module, help_text, _) in RECIPE_STAGES.items():
         if _available(module):
@@ -86,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if args.command == "data" and args.action == "validation":
+            from align.task_stream import build_validation
+
+            print(build_validation(args.out, args.avoid, n=args.n, seed=args.seed))
+            return 0
         if args.command == "data":
             from align.data import build_all
 

@@ -43,7 +43,7 @@ def sample(model, tokenizer, prompts: list[str], n: int, temperature: float, max
         # each prompt would fail or succeed together and pass@k would be far noisier than its sample count says.
         params = [SamplingParams(n=n, temperature=temperature, max_tokens=max_new_tokens, seed=derive_seed(seed, i),
                                  stop_token_ids=[tokenizer.eos_token_id]) for i in range(len(ids))]
-        results = engine.generate(ids, params)
+        results = engine.generate(ids, params, use_tqdm=progress)
         return [[tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in r.outputs] for r in results]
     if backend != "hf":
         raise ValueError(f"unknown generation backend {backend!r} (engine|hf)")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
+import random
 import time
 from pathlib import Path
 from typing import Literal
@@ -24,13 +26,16 @@ from transformers import TrainerCallback
 from align import recipe as recipes
 from align.chat import prompt_messages
 from align.checkpoint import DTYPES, load_base, load_trained
-from align.data import load_rows
+from align.curves import CurvesSection, LearningCurves, draw_curves
+from align.data import DataError, load_rows
+from align.dynamic_sampling import DynamicSamplingSection, GroupFilter, RewardMemo
 from align.metrics import heldout_footing, heldout_math, write_metrics
 from align.model import load_tokenizer
 from align.recipe import DataSource, EvalSection, ModelSection, PeftSection
 from align.rollout import ColocatedRollout, policy_state_dict
 from align.sft import lora_config
 from align.stage import claim_output_dir, lineage, process_group, save_final, train_or_resume
+from align.task_stream import math_config_of, prompts_of, take, task_stream
 from ray_jobs.records import PromptGroup, Sampling
 
 log = logging.getLogger(__name__)
@@ -67,8 +72,30 @@ class RaySection:
 
 
 @dataclasses.dataclass
+class GeneratedSource:
+    kind: Literal["math", "code"] = dataclasses.field(metadata={"help": "which task generator draws the prompts"})
+    seed: int = dataclasses.field(metadata={"help": "fixes the stream; a run's refills continue the same stream"})
+    exclude: list[str] = dataclasses.field(
+        default_factory=list, metadata={"help": "files whose prompts the stream never yields (held-out, validation)"})
+    rows: int | None = dataclasses.field(
+        default=None, metadata={"help": "prompts to draw; null: enough that every step sees fresh ones "
+                                        "(trainer.max_steps x prompts per step, split by weight)"})
+    weight: float = dataclasses.field(default=1.0, metadata={"help": "share of the drawn prompts"})
+    math_config: dict = dataclasses.field(
+        default_factory=dict, metadata={"help": "difficulty knobs (align.tasks_math.MathConfig); {} = the shipped "
+                                                "data's"})
+
+
+@dataclasses.dataclass
 class GRPOData:
-    train: list[DataSource] = dataclasses.field(metadata={"help": "prompt sources (math and/or code rows)"})
+    train: list[DataSource] = dataclasses.field(
+        default_factory=list, metadata={"help": "prompt files (math and/or code rows)"})
+    generate: list[GeneratedSource] = dataclasses.field(
+        default_factory=list, metadata={"help": "endless generated prompts, disjoint from the files excluded"})
+
+    def __post_init__(self):
+        if not self.train and not self.generate:
+            raise ValueError("give prompt files (`train`) or generated prompts (`generate`), or both")
 
 
 @dataclasses.dataclass
@@ -80,6 +107,8 @@ class GRPORecipe:
     eval: EvalSection
     rewards: list[RewardSpec]
     rollout: RolloutSection = dataclasses.field(default_factory=RolloutSection)
+    dynamic_sampling: DynamicSamplingSection = dataclasses.field(default_factory=DynamicSamplingSection)
+    curves: CurvesSection = dataclasses.field(default_factory=CurvesSection)
     ray: RaySection = dataclasses.field(default_factory=RaySection)
     trainer: dict = dataclasses.field(default_factory=dict, metadata={"help": "passed to trl.GRPOConfig"})
     peft: PeftSection | None = None
@@ -88,14 +117,52 @@ class GRPORecipe:
 recipes.register_stage("grpo", GRPORecipe, "GRPOConfig")
 
 
-def prompt_dataset(sources) -> Dataset:
-    rows = []
-    for src in sources:
-        for row in load_rows(src.path, src.kind, columns=src.columns or None, split=src.split, limit=src.limit):
-            rows.append({"prompt": prompt_messages(row["prompt"]), "answer": row.get("answer"),
-                         "tests": row.get("tests"), "entry_point": row.get("entry_point"),
-                         "io_cases": row.get("io_cases")})
-    return Dataset.from_list(rows)
+def prompt_row(row: dict) -> dict:
+    """A task row as GRPO's dataset holds it: chat-formatted prompt plus every column a reward may read."""
+    return {"prompt": prompt_messages(row["prompt"]), "answer": row.get("answer"), "tests": row.get("tests"),
+            "entry_point": row.get("entry_point"), "io_cases": row.get("io_cases")}
+
+
+class PromptSource:
+    """The training prompts: rows of the recipe's files plus draws from its generated streams, and an endless
+    refill (for dynamic sampling) that continues the streams, or cycles the files in a fresh order."""
+
+    def __init__(self, data: GRPOData, needed: int | None, seed: int):
+        self.files = [row for src in data.train
+                      for row in load_rows(src.path, src.kind, columns=src.columns or None, split=src.split,
+                                           limit=src.limit)]
+        self.streams = []
+        total_weight = sum(g.weight for g in data.generate)
+        self.drawn: list[dict] = []
+        for g in data.generate:
+            stream = task_stream(g.kind, g.seed, exclude=prompts_of(g.exclude, g.kind),
+                                 math_config=math_config_of(g.math_config))
+            n = g.rows
+            if n is None:
+                if needed is None:
+                    raise DataError("data.generate: set `rows` (the run has no trainer.max_steps to size it by)")
+                n = math.ceil(needed * g.weight / total_weight)
+            self.drawn += take(stream, n)
+            self.streams.append((stream, g.weight))
+        self.seed = seed
+        log.info("training prompts: %d from files, %d generated (%s)", len(self.files), len(self.drawn),
+                 ", ".join(f"{g.kind} seed {g.seed}" for g in data.generate) or "none")
+
+    def dataset(self) -> Dataset:
+        return Dataset.from_list([prompt_row(r) for r in self.files + self.drawn])
+
+    def refill(self):
+        """Endless prompt rows for dynamic sampling's replacement groups (streams first, else the files)."""
+        rng = random.Random(f"refill:{self.seed}")
+        if self.streams:
+            streams, weights = zip(*self.streams)
+            while True:
+                yield prompt_row(next(rng.choices(streams, weights=weights)[0]))
+        while True:
+            order = list(range(len(self.files)))
+            rng.shuffle(order)
+            for i in order:
+                yield prompt_row(self.files[i])
 
 
 class Timers:
@@ -123,15 +190,25 @@ def timed_reward(fn, timers: Timers):
 
 
 class EngineRollout:
-    """GRPO's ``rollout_func``: groups of identical prompts in, one engine completion per row out."""
+    """GRPO's ``rollout_func``: groups of identical prompts in, one engine completion per row out.
+
+    With dynamic sampling the batch is sampled before TRL asks (``prepare``), and the call returns that output.
+    """
 
     def __init__(self, backend, tokenizer, seed: int, return_routing: bool, timers: Timers, log_path: Path):
         self.backend, self.tokenizer, self.seed = backend, tokenizer, seed
         self.return_routing, self.timers, self.log_path = return_routing, timers, log_path
         self.calls = 0
         self.last: dict = {}
+        self.prepared: tuple[list, dict] | None = None
 
     def __call__(self, prompts: list, trainer) -> dict:
+        if self.prepared is not None:
+            ready, out = self.prepared
+            self.prepared = None
+            if ready != prompts:
+                raise RuntimeError("the prepared rollout does not match the prompts TRL asks for")
+            return out
         state = PartialState()
         every = gather_object(prompts) if state.num_processes > 1 else prompts
         out = [self._rollout(every, trainer)] if state.is_main_process else [None]
@@ -140,6 +217,20 @@ class EngineRollout:
             start = state.process_index * len(prompts)
             return {k: v[start:start + len(prompts)] for k, v in out[0].items()}
         return out[0]
+
+    def prepare(self, inputs: list[dict], trainer, group_filter: GroupFilter) -> list[dict]:
+        """Fill the batch with informative groups; returns the rows TRL scores, whose rollout the next call gives."""
+        def decode(completion_ids):
+            texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+            return [[{"role": "assistant", "content": t}] for t in texts]
+
+        rows, out, stats = group_filter.fill(inputs, lambda rows: self._rollout([r["prompt"] for r in rows], trainer),
+                                             decode)
+        self.prepared = ([r["prompt"] for r in rows], out)
+        metrics = trainer._metrics["train"]
+        for key, value in stats.items():
+            metrics[f"dynamic/{key}"].append(value)
+        return rows
 
     def _rollout(self, prompts: list, trainer) -> dict:
         g = trainer.num_generations if trainer.model.training else trainer.num_generations_eval
@@ -246,6 +337,12 @@ def make_trainer_class():
             self._last_loaded_step = self.state.global_step  # our rollout syncs the engines itself
             return super()._generate(prompts)
 
+        def _generate_and_score_completions(self, inputs):
+            # Dynamic sampling swaps uninformative groups for fresh prompts before TRL scores the batch.
+            if self.align_filter is not None and self.model.training:
+                inputs = self.rollout_func.prepare(inputs, self, self.align_filter)
+            return super()._generate_and_score_completions(inputs)
+
         def _generate_single_turn(self, *args, **kwargs):
             # TRL's own generation (rollout.mode: trl), timed like ours so the step split compares.
             t0 = time.perf_counter()
@@ -272,11 +369,17 @@ class GRPORun:
             raise recipes.RecipeError(f"{loaded.source}: rewards: {e}") from None
         self.args = recipes.trainer_config("grpo", self.recipe, reward_weights=self.reward_weights)
         self.state = process_group(self.args)
+        if self.recipe.dynamic_sampling.enabled:
+            self._check_dynamic_sampling()
+        try:
+            self.prompts = PromptSource(self.recipe.data, self._prompts_needed(), self.recipe.seed)
+        except DataError as e:
+            raise DataError(f"{loaded.source}: data: {e}") from None
 
     def setup(self) -> None:
         r = self.recipe
         self.tokenizer = load_tokenizer(r.model.tokenizer or r.model.path)
-        train_ds = prompt_dataset(r.data.train)
+        train_ds = self.prompts.dataset()
         claim_output_dir(self.loaded, self.out, self.resume, self.state)
         self.inherited = lineage(r.model.path)
         model = load_base(dataclasses.asdict(r.model), self.tokenizer, r.seed, DTYPES[r.model.dtype])
@@ -285,16 +388,44 @@ class GRPORun:
         self.rollout = EngineRollout(self.backend, self.tokenizer, r.seed, r.rollout.return_routing, self.timers,
                                      self.out / "rollouts.jsonl")
         cls = make_trainer_class()
-        self.trainer = cls(model=model, reward_funcs=[timed_reward(f, self.timers) for f in self.reward_funcs],
+        memo = RewardMemo()
+        reward_funcs = [timed_reward(memo.wrap(f), self.timers) for f in self.reward_funcs]
+        self.trainer = cls(model=model, reward_funcs=reward_funcs,
                            args=self.args, train_dataset=train_ds,
                            processing_class=self.tokenizer, peft_config=lora_config(r.peft) if r.peft else None,
                            rollout_func=self.rollout if engine else None)
         self.trainer.align_timers = self.timers
+        self.trainer.align_filter = self._group_filter(reward_funcs) if r.dynamic_sampling.enabled else None
         if engine and self.args.vllm_importance_sampling_correction:
             self.trainer.use_vllm = True
         import weakref
 
-        self.trainer.add_callback(StepMetrics(weakref.ref(self.trainer), self.rollout, self.timers))
+        ref = weakref.ref(self.trainer)
+        self.trainer.add_callback(StepMetrics(ref, self.rollout, self.timers))
+        self.trainer.add_callback(LearningCurves(ref, r.curves, r.eval, self.tokenizer, r.seed, self.out))
+
+    def _prompts_needed(self) -> int | None:
+        """Unique prompts a run consumes when each step's come fresh (None when the run is sized in epochs)."""
+        a = self.args
+        if a.max_steps is None or a.max_steps <= 0:
+            return None
+        # One generation batch (all processes: generation_batch_size rows, G per prompt) serves
+        # steps_per_generation x num_iterations optimizer steps.
+        generations = math.ceil(a.max_steps / (a.steps_per_generation * a.num_iterations))
+        return generations * a.generation_batch_size // a.num_generations
+
+    def _check_dynamic_sampling(self) -> None:
+        where = f"{self.loaded.source}: dynamic_sampling"
+        if self.recipe.rollout.mode == "trl":
+            raise recipes.RecipeError(f"{where}: needs an engine rollout (rollout.mode ray or colocated), not trl")
+        if self.state.num_processes > 1:
+            # Each process would run its own number of refill rounds, and rollouts are collective calls.
+            raise recipes.RecipeError(f"{where}: runs in a single training process; launch without accelerate's "
+                                      "multi-process mode or turn it off")
+
+    def _group_filter(self, reward_funcs) -> GroupFilter:
+        return GroupFilter(self.recipe.dynamic_sampling, reward_funcs, self.reward_weights, self.prompts.refill(),
+                           self.args.num_generations)
 
     def _backend(self, model):
         r = self.recipe
@@ -326,6 +457,8 @@ class GRPORun:
                    "recipe_sha256": self.loaded.sha256, "inherited": self.inherited,
                    "pool": dataclasses.asdict(self.backend.stats) if hasattr(self.backend, "stats") else {}}
         write_metrics(self.out, metrics)
+        draw_curves(self.out, self.out / "curves.png", history=self.trainer.state.log_history,
+                    title=f"GRPO {self.out.name}: seed {self.recipe.seed}")
         return metrics
 
     def _start_metrics(self) -> dict:

@@ -17,19 +17,22 @@ from align.generation import make_engine, sample
 log = logging.getLogger(__name__)
 
 
-def heldout_math(model, tokenizer, eval_cfg, seed: int, backend: str = "engine") -> dict:
+def heldout_math(model, tokenizer, eval_cfg, seed: int, backend: str = "engine", engine=None,
+                 progress: bool = True) -> dict:
+    """Greedy accuracy and sampled pass@1 of ``model`` (or of ``engine``, an engine already holding the policy)."""
     from rewards.math import math_accuracy
 
     rows = load_rows(eval_cfg.heldout_math, "math", limit=eval_cfg.limit)
     prompts = [r["prompt"] for r in rows]
     answers = [r["answer"] for r in rows]
-    engine = make_engine(model) if backend == "engine" else None   # one engine serves both passes
+    if backend == "engine" and engine is None:
+        engine = make_engine(model)   # one engine serves both passes
     greedy = sample(model, tokenizer, prompts, n=1, temperature=0.0, max_new_tokens=eval_cfg.max_new_tokens,
-                    seed=seed, backend=backend, batch_size=eval_cfg.batch_size, engine=engine)
+                    seed=seed, backend=backend, batch_size=eval_cfg.batch_size, engine=engine, progress=progress)
     greedy_scores = math_accuracy([g[0] for g in greedy], answer=answers)
     sampled = sample(model, tokenizer, prompts, n=eval_cfg.samples, temperature=eval_cfg.temperature,
                      max_new_tokens=eval_cfg.max_new_tokens, seed=seed + 1, backend=backend,
-                     batch_size=eval_cfg.batch_size, engine=engine)
+                     batch_size=eval_cfg.batch_size, engine=engine, progress=progress)
     flat = [c for group in sampled for c in group]
     flat_answers = [a for a in answers for _ in range(eval_cfg.samples)]
     sampled_scores = math_accuracy(flat, answer=flat_answers)

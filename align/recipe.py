@@ -204,7 +204,10 @@ def build_dataclass(cls: type, raw: Any, where: str) -> Any:
             kwargs[name] = _coerce(raw[name], hints[name], key)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise RecipeError(f"{key}: required key is missing")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:   # a section's own checks (__post_init__)
+        raise RecipeError(f"{where or cls.__name__}: {e}") from None
 
 
 def _trainer_config_class(stage: str):
@@ -365,6 +368,8 @@ def check_paths(recipe: Any, prefix: str = "") -> None:
             for i, v in enumerate(value):
                 if dataclasses.is_dataclass(v):
                     check_paths(v, f"{key}[{i}].")
+                elif f.name == "exclude" and isinstance(v, str) and not Path(v).exists():
+                    raise RecipeError(f"{key}[{i}]: file not found: {v}")
         elif f.name in ("path", "heldout_math", "tokenizer") and isinstance(value, str):
             if key in ("model.path", "model.tokenizer") and not _is_local_path(value):
                 continue  # a hub id

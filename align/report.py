@@ -10,12 +10,9 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on training boxes
 import matplotlib.pyplot as plt  # noqa: E402
 
+from align.curves import draw_curves, history_of, read_curves  # noqa: E402
+
 HELDOUT_KEYS = ("heldout_math_accuracy", "heldout_math_pass1")
-
-
-def _history(stage_dir: Path) -> list[dict]:
-    path = stage_dir / "log_history.json"
-    return json.loads(path.read_text())["log_history"] if path.exists() else []
 
 
 def _series(history: list[dict], key: str) -> tuple[list[float], list[float]]:
@@ -93,13 +90,29 @@ def results_table(out: Path, stage_names: list[str], evals: dict[str, dict]) -> 
     return "\n".join(rows)
 
 
+def learning_lines(name: str, stage_dir: Path) -> list[str]:
+    """What a GRPO stage did to its starting model, and its held-out curve, as report lines."""
+    m, points = _metrics(stage_dir), read_curves(stage_dir)
+    if "start_heldout_math_pass1" not in m:
+        return []
+    d_pass = 100 * (m["heldout_math_pass1"] - m["start_heldout_math_pass1"])
+    d_greedy = 100 * (m["heldout_math_accuracy"] - m["start_heldout_math_accuracy"])
+    lines = [f"`{name}` against its starting model (full held-out set): sampled pass@1 "
+             f"{m['start_heldout_math_pass1']:.3f} → {m['heldout_math_pass1']:.3f} ({d_pass:+.1f} points), greedy "
+             f"{m['start_heldout_math_accuracy']:.3f} → {m['heldout_math_accuracy']:.3f} ({d_greedy:+.1f} points)."]
+    if points:
+        curve = ", ".join(f"{p['step']}: {p['heldout_greedy']:.2f} / {p['heldout_pass1']:.2f}" for p in points)
+        lines.append(f"Held-out subset ({points[0]['problems']} problems) greedy / pass@1 by step: {curve}.")
+    return lines + [""]
+
+
 def write_report(out: Path, recipe, evals: dict[str, dict], summary: dict) -> Path:
     figs = out / "figures"
     figs.mkdir(exist_ok=True)
     stage_dirs = {e.name: out / e.name for e in recipe.stages}
     plots = []
     for name, d in stage_dirs.items():
-        h = _history(d)
+        h = history_of(d)
         plots.append(_plot(figs / f"{name}_loss.png", f"{name}: training loss", {"loss": _series(h, "loss")}, "loss"))
         plots.append(_plot(figs / f"{name}_reward.png", f"{name}: reward and accuracy",
                            {"reward": _series(h, "reward"),
@@ -108,6 +121,8 @@ def write_report(out: Path, recipe, evals: dict[str, dict], summary: dict) -> Pa
         plots.append(_plot(figs / f"{name}_length.png", f"{name}: completion length",
                            {"mean": _series(h, "completions/mean_length")}, "tokens"))
         plots.append(_expert_load_plot(d, figs / f"{name}_expert_load.png"))
+        if read_curves(d):
+            plots.insert(0, draw_curves(d, figs / f"{name}_curves.png", history=h, title=f"{name}: learning curves"))
     lines = [f"# Pipeline report: {out}", "",
              f"Stages: {' → '.join(stage_dirs)}. Wall time {summary['seconds']:.0f} s "
              f"({', '.join(f'{k} {v:.0f} s' for k, v in summary['stage_seconds'].items())}).", "",
@@ -115,6 +130,8 @@ def write_report(out: Path, recipe, evals: dict[str, dict], summary: dict) -> Pa
              "Held-out math columns come from each stage's `metrics.json` (greedy exact match; mean of sampled "
              "completions at the recipe temperature). pass@k columns come from `align eval` (unbiased estimator).", "",
              results_table(out, list(stage_dirs), evals), ""]
+    for name, d in stage_dirs.items():
+        lines += learning_lines(name, d)
     for name in stage_dirs:
         m = _metrics(out / name)
         lock = out / name / "recipe.lock.yaml"

@@ -70,7 +70,7 @@ class ColocatedRollout:
     def __init__(self, model, engine_options: dict):
         from align.engine import Engine
 
-        self.engine = Engine.from_model(_unwrap(model), **engine_options)
+        self.engine = Engine.from_model(plain_model(model), **engine_options)
         self.version = -1
         self.last_sync_s = 0.0
 
@@ -88,7 +88,7 @@ class ColocatedRollout:
         self.engine = None
 
 
-def _unwrap(model):
+def plain_model(model):
     """A plain transformers model the engine can read (a PeftModel becomes a merged copy)."""
     from peft import PeftModel
 

@@ -55,7 +55,9 @@ def micro_grpo(out_dir: Path, sft_dir: Path, steps: int = 3, mode: str = "ray", 
     raw = yaml.safe_load((ROOT / "recipes/tiny/grpo.yaml").read_text())
     raw["output_dir"] = str(out_dir)
     raw["model"]["path"] = str(sft_dir)
-    raw["data"]["train"][0]["limit"] = 64
+    for src in raw["data"].get("train", []):
+        src["limit"] = 64
+    raw["curves"] = {"every": 0}
     raw["eval"].update(limit=4, samples=2, max_new_tokens=16, batch_size=8)
     raw["rollout"].update(mode=mode, num_cpus=0.5, timeout_s=120)
     raw["trainer"].update(max_steps=steps, save_steps=max(1, steps // 2), logging_steps=1, num_generations=4,

@@ -111,3 +111,46 @@ def test_starting_scores_are_reused_only_when_taken_the_same_way(tmp_path, micro
                                                         "heldout_math_pass1": 0.456}))
         assert GRPORun._start_metrics(run) == {"start_heldout_math_accuracy": fresh["heldout_math_accuracy"],
                                                "start_heldout_math_pass1": fresh["heldout_math_pass1"]}
+
+
+@pytest.mark.slow
+def test_generated_prompts_dynamic_sampling_and_curves(tmp_path, micro_sft_dir):
+    """Fresh generated prompts each step, uninformative groups refilled, held-out curves logged and drawn."""
+    out = tmp_path / "grpo"
+    raw = micro_grpo(out, micro_sft_dir, steps=3, mode="colocated")
+    raw["curves"] = {"every": 2, "limit": 4, "samples": 2}
+    raw["dynamic_sampling"] = {"enabled": True, "max_rounds": 3}
+    run_align("grpo", "--config", write_recipe(tmp_path / "grpo.yaml", raw))
+    assert [p["step"] for p in (json.loads(x) for x in (out / "curves.jsonl").read_text().splitlines())] == [0, 2, 3]
+    history = json.loads((out / "log_history.json").read_text())["log_history"]
+    logged = {k for h in history for k in h}
+    for key in ("dynamic/rounds", "dynamic/dropped_groups", "dynamic/unfilled_groups", "dynamic/fresh_reward",
+                "dynamic/fresh_zero_std_frac", "curve/heldout_greedy", "curve/heldout_pass1", "entropy", "kl",
+                "frac_reward_zero_std", "completions/mean_length"):
+        assert key in logged, key
+    steps = [h for h in history if "dynamic/rounds" in h]
+    assert all(1 <= h["dynamic/rounds"] <= 3 for h in steps)
+    # Rounds beyond the first are refills: one rollout log line per generation round.
+    assert len(_rollout_log(out)) == round(sum(h["dynamic/rounds"] for h in steps))
+    assert (out / "curves.png").stat().st_size > 10_000
+
+
+def test_generated_prompts_fill_the_run_and_avoid_heldout(tmp_path, micro_sft_dir, monkeypatch):
+    from align import recipe as recipes
+    from align.grpo import GRPORun
+    from align.task_stream import prompts_of
+
+    monkeypatch.chdir(ROOT)
+    raw = micro_grpo(tmp_path / "grpo", micro_sft_dir, steps=5, mode="colocated")
+    raw["trainer"]["num_iterations"] = 2          # one generation batch serves two steps
+    job = GRPORun(recipes.load("grpo", write_recipe(tmp_path / "grpo.yaml", raw)))
+    source = job.prompts
+    assert job._prompts_needed() == 3 * 2        # ceil(5 / 2) generations of 8 rows / 4 per prompt
+    rows = source.dataset()
+    assert len(rows) == 6 and not source.files
+    avoid = prompts_of([ROOT / "data/math/heldout.jsonl", ROOT / "data/math/validation.jsonl"], "math")
+    assert not {r["prompt"][-1]["content"] for r in rows} & avoid
+    refill = source.refill()
+    fresh = [next(refill)["prompt"][-1]["content"] for _ in range(50)]
+    assert len(set(fresh)) == 50 and not set(fresh) & avoid
+    assert not set(fresh) & {r["prompt"][-1]["content"] for r in rows}   # refills continue the stream
