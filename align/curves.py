@@ -40,8 +40,15 @@ def history_of(run_dir: Path) -> list[dict]:
 
 
 def read_curves(run_dir: Path) -> list[dict]:
+    """The held-out points of a run, oldest first (a line cut short by a killed run is skipped)."""
     path = Path(run_dir) / "curves.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    points = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            points.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning("%s: skipping an unreadable line (%r)", path, line[:80])
+    return points
 
 
 class LearningCurves(TrainerCallback):

@@ -12,7 +12,6 @@ import dataclasses
 import json
 import logging
 import math
-import random
 import time
 from pathlib import Path
 from typing import Literal
@@ -20,22 +19,20 @@ from typing import Literal
 import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object
-from datasets import Dataset
 from transformers import TrainerCallback
 
 from align import recipe as recipes
-from align.chat import prompt_messages
 from align.checkpoint import DTYPES, load_base, load_trained
 from align.curves import CurvesSection, LearningCurves, draw_curves
-from align.data import DataError, load_rows
+from align.grpo_prompts import GRPOData, PromptSource
+from align.data import DataError
 from align.dynamic_sampling import DynamicSamplingSection, GroupFilter, RewardMemo
 from align.metrics import heldout_footing, heldout_math, write_metrics
 from align.model import load_tokenizer
-from align.recipe import DataSource, EvalSection, ModelSection, PeftSection
+from align.recipe import EvalSection, ModelSection, PeftSection
 from align.rollout import ColocatedRollout, policy_state_dict
 from align.sft import lora_config
 from align.stage import claim_output_dir, lineage, process_group, save_final, train_or_resume
-from align.task_stream import math_config_of, prompts_of, take, task_stream
 from ray_jobs.records import PromptGroup, Sampling
 
 log = logging.getLogger(__name__)
@@ -72,33 +69,6 @@ class RaySection:
 
 
 @dataclasses.dataclass
-class GeneratedSource:
-    kind: Literal["math", "code"] = dataclasses.field(metadata={"help": "which task generator draws the prompts"})
-    seed: int = dataclasses.field(metadata={"help": "fixes the stream; a run's refills continue the same stream"})
-    exclude: list[str] = dataclasses.field(
-        default_factory=list, metadata={"help": "files whose prompts the stream never yields (held-out, validation)"})
-    rows: int | None = dataclasses.field(
-        default=None, metadata={"help": "prompts to draw; null: enough that every step sees fresh ones "
-                                        "(trainer.max_steps x prompts per step, split by weight)"})
-    weight: float = dataclasses.field(default=1.0, metadata={"help": "share of the drawn prompts"})
-    math_config: dict = dataclasses.field(
-        default_factory=dict, metadata={"help": "difficulty knobs (align.tasks_math.MathConfig); {} = the shipped "
-                                                "data's"})
-
-
-@dataclasses.dataclass
-class GRPOData:
-    train: list[DataSource] = dataclasses.field(
-        default_factory=list, metadata={"help": "prompt files (math and/or code rows)"})
-    generate: list[GeneratedSource] = dataclasses.field(
-        default_factory=list, metadata={"help": "endless generated prompts, disjoint from the files excluded"})
-
-    def __post_init__(self):
-        if not self.train and not self.generate:
-            raise ValueError("give prompt files (`train`) or generated prompts (`generate`), or both")
-
-
-@dataclasses.dataclass
 class GRPORecipe:
     output_dir: str
     seed: int
@@ -115,54 +85,6 @@ class GRPORecipe:
 
 
 recipes.register_stage("grpo", GRPORecipe, "GRPOConfig")
-
-
-def prompt_row(row: dict) -> dict:
-    """A task row as GRPO's dataset holds it: chat-formatted prompt plus every column a reward may read."""
-    return {"prompt": prompt_messages(row["prompt"]), "answer": row.get("answer"), "tests": row.get("tests"),
-            "entry_point": row.get("entry_point"), "io_cases": row.get("io_cases")}
-
-
-class PromptSource:
-    """The training prompts: rows of the recipe's files plus draws from its generated streams, and an endless
-    refill (for dynamic sampling) that continues the streams, or cycles the files in a fresh order."""
-
-    def __init__(self, data: GRPOData, needed: int | None, seed: int):
-        self.files = [row for src in data.train
-                      for row in load_rows(src.path, src.kind, columns=src.columns or None, split=src.split,
-                                           limit=src.limit)]
-        self.streams = []
-        total_weight = sum(g.weight for g in data.generate)
-        self.drawn: list[dict] = []
-        for g in data.generate:
-            stream = task_stream(g.kind, g.seed, exclude=prompts_of(g.exclude, g.kind),
-                                 math_config=math_config_of(g.math_config))
-            n = g.rows
-            if n is None:
-                if needed is None:
-                    raise DataError("data.generate: set `rows` (the run has no trainer.max_steps to size it by)")
-                n = math.ceil(needed * g.weight / total_weight)
-            self.drawn += take(stream, n)
-            self.streams.append((stream, g.weight))
-        self.seed = seed
-        log.info("training prompts: %d from files, %d generated (%s)", len(self.files), len(self.drawn),
-                 ", ".join(f"{g.kind} seed {g.seed}" for g in data.generate) or "none")
-
-    def dataset(self) -> Dataset:
-        return Dataset.from_list([prompt_row(r) for r in self.files + self.drawn])
-
-    def refill(self):
-        """Endless prompt rows for dynamic sampling's replacement groups (streams first, else the files)."""
-        rng = random.Random(f"refill:{self.seed}")
-        if self.streams:
-            streams, weights = zip(*self.streams)
-            while True:
-                yield prompt_row(next(rng.choices(streams, weights=weights)[0]))
-        while True:
-            order = list(range(len(self.files)))
-            rng.shuffle(order)
-            for i in order:
-                yield prompt_row(self.files[i])
 
 
 class Timers:

@@ -17,6 +17,7 @@ def _pipeline(tmp_path, grpo_steps=3):
     sft = write_recipe(tmp_path / "sft.yaml", micro_sft(tmp_path / "unused", steps=6))
     grpo_raw = micro_grpo(tmp_path / "unused", tmp_path / "unused", steps=grpo_steps, mode="colocated")
     grpo_raw["trainer"].update(save_steps=1, save_total_limit=None)
+    grpo_raw["curves"] = {"every": 4, "limit": 3, "samples": 2}
     grpo = write_recipe(tmp_path / "grpo.yaml", grpo_raw)
     raw = {"output_dir": str(tmp_path / "run"), "seed": 0,
            "stages": [{"name": "sft", "recipe": str(sft)},
@@ -56,6 +57,11 @@ def test_pipeline_runs_skips_and_resumes(tmp_path):
         assert f"| {name} |" in report
     assert (run / "figures" / "sft_loss.png").exists() and (run / "figures" / "grpo_reward.png").exists()
     assert (run / "figures" / "grpo_expert_load.png").exists()
+    # Learning curves survive the kill: points before it are kept, the resumed run adds the rest.
+    steps = [json.loads(x)["step"] for x in (run / "grpo" / "curves.jsonl").read_text().splitlines()]
+    assert steps[0] == 0 and steps[-1] == 12 and {4, 8} <= set(steps) and len(steps) == len(set(steps))
+    assert (run / "figures" / "grpo_curves.png").exists() and "figures/grpo_curves.png" in report
+    assert "`grpo` against its starting model" in report
     assert (tmp_path / "exported" / "config.json").exists()
     for name in ("base", "sft", "grpo"):
         assert (run / "eval" / name / "eval.json").exists()

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# `small` preset on one GPU: SFT (recipes/small/sft.yaml), then GRPO (recipes/small/grpo.yaml, colocated engine)
+# from it with two seeds side by side on the same GPU. Results under $OUT: each stage's metrics.json, curves
+# (curves.jsonl, curves.png) and log history, and summary.txt (held-out before/after per seed).
+#   bash bench/small_grpo.sh            (trl/datasets/math-verify carried as wheels in .whl/ on a bare GPU image)
+set -u
+O=${OUT:-/tmp/small_out}; W=${WORK:-/tmp/small_work}; mkdir -p "$O" "$W"
+if [ -d .whl ] && ! python3 -c "import trl" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+QUIET="trainer.report_to=[] trainer.disable_tqdm=true"
+SEEDS=${SEEDS:-"0 1"}
+t0=$(date +%s)
+python3 -m align sft --config recipes/small/sft.yaml output_dir=$W/sft $QUIET ${SFT_ARGS:-} > "$W/sft.log" 2>&1
+echo "sft exit $? in $(( $(date +%s) - t0 ))s" >> "$O/summary.txt"
+cp "$W/sft/metrics.json" "$O/small_sft_metrics.json" 2>/dev/null
+t0=$(date +%s)
+for s in $SEEDS; do
+  python3 -m align grpo --config recipes/small/grpo.yaml model.path=$W/sft output_dir=$W/grpo_s$s seed=$s \
+    $QUIET ${GRPO_ARGS:-} > "$W/grpo_s$s.log" 2>&1 &
+done
+wait
+echo "grpo (seeds $SEEDS at once) done in $(( $(date +%s) - t0 ))s" >> "$O/summary.txt"
+for s in $SEEDS; do
+  d=$W/grpo_s$s
+  cp "$d/metrics.json" "$O/small_grpo_s${s}_metrics.json" 2>/dev/null
+  cp "$d/curves.png" "$O/small_grpo_s${s}_curves.png" 2>/dev/null
+  tail -c 2000 "$W/grpo_s$s.log" > "$O/small_grpo_s${s}_tail.log"
+  python3 - "$d" >> "$O/summary.txt" <<'PY'
+import json, sys, pathlib
+d = pathlib.Path(sys.argv[1])
+if not (d / "metrics.json").exists():
+    print(d.name, "no metrics.json"); sys.exit()
+m = json.loads((d / "metrics.json").read_text())
+print(d.name, {k: round(m[k], 4) for k in ("start_heldout_math_accuracy", "heldout_math_accuracy",
+      "start_heldout_math_pass1", "heldout_math_pass1", "train_runtime") if k in m})
+PY
+done
+tar czf "$O/small_runs.tgz" -C "$W" --exclude='*.safetensors' --exclude='*.bin' --exclude='checkpoint-*' --exclude=runs .
+cat "$O/summary.txt"
