@@ -125,13 +125,17 @@ def draw_curves(run_dir: Path, path: Path, history: list[dict] | None = None, ti
     points = read_curves(run_dir)
     if not points and not history:
         return None
-    fresh = "dynamic/fresh_reward" if any("dynamic/fresh_reward" in h for h in history) else None
-    zero = "dynamic/fresh_zero_std_frac" if fresh else "frac_reward_zero_std"
+    # With dynamic sampling the trained batch is filtered; its first round is the unbiased view of the policy.
+    dynamic = any("dynamic/fresh_reward" in h for h in history)
+    zero = "dynamic/fresh_zero_std_frac" if dynamic else "frac_reward_zero_std"
+    accuracy = "dynamic/fresh_math_accuracy" if dynamic else "rewards/math_accuracy/mean"
     panels = [
-        ("held-out subset", {"greedy": ([p["step"] for p in points], [p["heldout_greedy"] for p in points]),
-                             "pass@1": ([p["step"] for p in points], [p["heldout_pass1"] for p in points])}),
-        ("training reward", {"fresh prompts (before filtering)": _series(history, fresh) if fresh else ([], []),
-                             "math accuracy (trained batch)": _series(history, "rewards/math_accuracy/mean")}),
+        ("math accuracy: held-out subset vs training prompts",
+         {"held-out greedy": ([p["step"] for p in points], [p["heldout_greedy"] for p in points]),
+          "held-out pass@1": ([p["step"] for p in points], [p["heldout_pass1"] for p in points]),
+          "fresh training prompts (sampled)": _series(history, accuracy)}),
+        ("training reward", {"fresh prompts (before filtering)": _series(history, "dynamic/fresh_reward"),
+                             "trained batch": _series(history, "reward")}),
         ("token entropy (nats)", {"entropy": _series(history, "entropy")}),
         ("zero-variance groups", {"fraction": _series(history, zero)}),
         ("KL to reference", {"kl": _series(history, "kl")}),
@@ -141,7 +145,7 @@ def draw_curves(run_dir: Path, path: Path, history: list[dict] | None = None, ti
     for ax, (name, curves) in zip(axes.flat, panels):
         for label, (x, y) in curves.items():
             if x:
-                ax.plot(x, y, marker="o" if name == "held-out subset" else None, ms=3, label=label)
+                ax.plot(x, y, marker="o" if label.startswith("held-out") else None, ms=3, label=label)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -96,8 +96,10 @@ class GroupFilter:
         self.weights = torch.tensor(reward_weights, dtype=torch.float32)
         self.refill = refill
 
-    def score(self, rows: list[dict], completions: list, completion_ids: list[list[int]]) -> torch.Tensor:
-        """Weighted reward sum per row, as TRL's ``sum_then_normalize`` forms it (NaN where no reward applies)."""
+    def score(self, rows: list[dict], completions: list,
+              completion_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weighted reward sum per row, as TRL's ``sum_then_normalize`` forms it (NaN where no reward applies),
+        and each function's rewards: (N,), (N, n_funcs)."""
         columns = {k: [r.get(k) for r in rows] for k in ROW_COLUMNS}
         prompts = [r["prompt"] for r in rows]
         per_func = torch.stack([
@@ -107,7 +109,7 @@ class GroupFilter:
             for fn in self.reward_funcs], dim=1)                        # (N, n_funcs)
         total = (per_func * self.weights).nansum(dim=1)
         total[torch.isnan(per_func).all(dim=1)] = torch.nan
-        return total
+        return total, per_func
 
     def _draw(self, n_groups: int) -> list[dict]:
         rows = []
@@ -133,11 +135,13 @@ class GroupFilter:
             stats["rounds"] += 1
             out = generate(candidates)
             completions = decode(out["completion_ids"])
-            rewards = self.score(candidates, completions, out["completion_ids"])
+            rewards, per_func = self.score(candidates, completions, out["completion_ids"])
             keep = informative(rewards, G)
-            if stats["rounds"] == 1:
+            if stats["rounds"] == 1:   # the batch as drawn: what the policy scores on fresh prompts
                 stats["fresh_reward"] = float(torch.nanmean(rewards))
                 stats["fresh_zero_std_frac"] = float((~keep).float().mean())
+                for fn, col in zip(self.reward_funcs, per_func.T):
+                    stats[f"fresh_{getattr(fn, '__name__', 'reward')}"] = float(torch.nanmean(col))
             n_groups = len(candidates) // G
             stats["generated_groups"] += n_groups
             for j in range(n_groups):

@@ -125,7 +125,7 @@ def test_generated_prompts_dynamic_sampling_and_curves(tmp_path, micro_sft_dir):
     history = json.loads((out / "log_history.json").read_text())["log_history"]
     logged = {k for h in history for k in h}
     for key in ("dynamic/rounds", "dynamic/dropped_groups", "dynamic/unfilled_groups", "dynamic/fresh_reward",
-                "dynamic/fresh_zero_std_frac", "curve/heldout_greedy", "curve/heldout_pass1", "entropy", "kl",
+                "dynamic/fresh_zero_std_frac", "dynamic/fresh_math_accuracy", "curve/heldout_greedy", "curve/heldout_pass1", "entropy", "kl",
                 "frac_reward_zero_std", "completions/mean_length"):
         assert key in logged, key
     steps = [h for h in history if "dynamic/rounds" in h]
