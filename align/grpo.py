@@ -24,9 +24,9 @@ from transformers import TrainerCallback
 from align import recipe as recipes
 from align.checkpoint import DTYPES, load_base, load_trained
 from align.curves import CurvesSection, LearningCurves, draw_curves
-from align.grpo_prompts import GRPOData, PromptSource
 from align.data import DataError
 from align.dynamic_sampling import DynamicSamplingSection, GroupFilter, RewardMemo
+from align.grpo_prompts import GRPOData, PromptSource
 from align.metrics import heldout_footing, heldout_math, write_metrics
 from align.model import load_tokenizer
 from align.recipe import EvalSection, ModelSection, PeftSection

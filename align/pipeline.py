@@ -81,7 +81,7 @@ def _data_files(raw: dict) -> list[Path]:
                 if k in ("path", "heldout_math") and isinstance(v, str) and Path(v).is_file():
                     found.append(Path(v))
                 elif k == "exclude" and isinstance(v, list):   # generated prompts depend on what they avoid
-                    found += [Path(x) for x in v if isinstance(x, str) and Path(x).is_file()]
+                    found.extend(Path(x) for x in v if isinstance(x, str) and Path(x).is_file())
                 else:
                     walk(v)
         elif isinstance(node, list):

@@ -3,6 +3,7 @@
 import pytest
 
 from align.data import DataError, load_rows
+from align.recipe import RecipeError
 from align.task_stream import build_validation, prompts_of, take, task_stream
 from align.tasks_math import MathConfig
 
@@ -61,3 +62,21 @@ def test_shipped_validation_split_is_reproducible_and_disjoint(tmp_path):
     val = {r["prompt"] for r in load_rows(VALIDATION, "math")}
     assert len(val) == 200
     assert not val & prompts_of([HELDOUT, ROOT / "data/math/train.jsonl"], "math")
+
+
+def test_grpo_recipe_checks_generated_sources_before_any_work(tmp_path):
+    import yaml
+
+    from align import recipe as recipes
+    import align.grpo  # noqa: F401  (registers the stage)
+
+    raw = yaml.safe_load((ROOT / "recipes/tiny/grpo.yaml").read_text())
+    raw["data"]["generate"][0]["exclude"].append(str(tmp_path / "missing.jsonl"))
+    path = tmp_path / "grpo.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(RecipeError, match=r"data.generate\[0\].exclude\[2\]: file not found"):
+        recipes.load("grpo", path)
+    raw["data"] = {"generate": []}
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(RecipeError, match="give prompt files"):
+        recipes.load("grpo", path)
