@@ -26,6 +26,7 @@ from align.checkpoint import DTYPES, load_base, load_trained
 from align.curves import CurvesSection, LearningCurves, draw_curves
 from align.data import DataError
 from align.dynamic_sampling import DynamicSamplingSection, GroupFilter, RewardMemo
+from align.expert_load import add_loads, expert_load, health_metrics
 from align.grpo_prompts import GRPOData, PromptSource
 from align.metrics import heldout_footing, heldout_math, write_metrics
 from align.model import load_tokenizer
@@ -56,6 +57,9 @@ class RolloutSection:
     timeout_s: float = dataclasses.field(default=600, metadata={"help": "a worker silent this long is replaced"})
     max_num_seqs: int = dataclasses.field(default=256, metadata={"help": "engine: sequences decoded together"})
     return_routing: bool = dataclasses.field(default=True, metadata={"help": "record routed experts (expert load)"})
+    min_load_entropy: float = dataclasses.field(
+        default=0.0, metadata={"help": "warn when a MoE layer's expert-load entropy over a step's rollouts (1 = "
+                                       "uniform, 0 = one expert takes every token) falls below this; 0 = never"})
     device: str | None = dataclasses.field(default=None, metadata={"help": "engine device; default: cuda if any"})
     dtype: Literal["float32", "bfloat16", "float16"] | None = dataclasses.field(
         default=None, metadata={"help": "engine dtype; default: the policy's (bf16 rollouts from fp32 masters work; "
@@ -117,12 +121,15 @@ class EngineRollout:
     With dynamic sampling the batch is sampled before TRL asks (``prepare``), and the call returns that output.
     """
 
-    def __init__(self, backend, tokenizer, seed: int, return_routing: bool, timers: Timers, log_path: Path):
+    def __init__(self, backend, tokenizer, seed: int, return_routing: bool, timers: Timers, log_path: Path,
+                 n_experts: int | None = None):
         self.backend, self.tokenizer, self.seed = backend, tokenizer, seed
         self.return_routing, self.timers, self.log_path = return_routing, timers, log_path
         self.calls = 0
         self.last: dict = {}
         self.prepared: tuple[list, dict] | None = None
+        self.n_experts = n_experts
+        self.step_load, self.step_load_version = None, None
 
     def __call__(self, prompts: list, trainer) -> dict:
         if self.prepared is not None:
@@ -190,9 +197,13 @@ class EngineRollout:
                 out["completion_ids"].append(c.token_ids)
                 out["logprobs"].append(c.logprobs)
                 out["policy_version"].append(r.policy_version)
+        load = expert_load(records, self.n_experts)
+        # A step's load sums all its rollouts (dynamic sampling runs several).
+        self.step_load = add_loads(self.step_load, load) if self.step_load_version == version else load
+        self.step_load_version = version
         self.last = {"step": version, "policy_versions": sorted(set(versions)), "groups": len(records),
                      "completions": len(out["completion_ids"]), "generation_s": gen_s, "sync_s": sync_s,
-                     "workers": _count(r.worker for r in records), "expert_load": expert_load(records)}
+                     "workers": _count(r.worker for r in records), "expert_load": load}
         with open(self.log_path, "a") as f:
             f.write(json.dumps(self.last) + "\n")
         return out
@@ -205,23 +216,12 @@ def _count(items) -> dict:
     return out
 
 
-def expert_load(records) -> list[list[int]] | None:
-    """Tokens routed to each expert, per MoE layer: (n_moe_layers, n_experts) as nested lists."""
-    routes = [c.routing for r in records for c in r.completions if c.routing is not None and c.routing.numel()]
-    if not routes:
-        return None
-    flat = torch.cat([x.long() for x in routes])                      # (T_total, L, k)
-    n_experts = int(flat.max()) + 1
-    counts = torch.stack([torch.bincount(flat[:, layer].flatten(), minlength=n_experts)
-                          for layer in range(flat.shape[1])])         # (L, E)
-    return counts.tolist()
-
-
 class StepMetrics(TrainerCallback):
-    """Adds the time split (generation / reward / sync / training) and expert load to the logged metrics."""
+    """Adds the time split (generation / reward / sync / training) and expert-load health to the logged metrics."""
 
-    def __init__(self, trainer_ref, rollout: EngineRollout, timers: Timers):
+    def __init__(self, trainer_ref, rollout: EngineRollout, timers: Timers, min_load_entropy: float = 0.0):
         self.trainer_ref, self.rollout, self.timers = trainer_ref, rollout, timers
+        self.min_load_entropy = min_load_entropy
         self.t0 = 0.0
 
     def on_step_begin(self, args, state, control, **kw):
@@ -235,11 +235,10 @@ class StepMetrics(TrainerCallback):
             metrics[f"time/{key}_s"].append(split.get(key, 0.0))
         metrics["time/training_s"].append(max(0.0, step_s - sum(split.values())))
         metrics["time/step_s"].append(step_s)
-        load = self.rollout.last.get("expert_load")
-        if load:
-            for layer, counts in enumerate(load):
-                mean = sum(counts) / len(counts)
-                metrics[f"experts/layer{layer}_imbalance"].append(max(counts) / mean if mean else 0.0)
+        # The rollouts this step trained on (with num_iterations > 1, the batch sampled for an earlier step).
+        if self.rollout.step_load:
+            for key, value in health_metrics(self.rollout.step_load, self.min_load_entropy, state.global_step).items():
+                metrics[key].append(value)
 
 
 def make_trainer_class():
@@ -308,7 +307,7 @@ class GRPORun:
         engine = r.rollout.mode != "trl"
         self.backend = self._backend(model) if engine and self.state.is_main_process else None
         self.rollout = EngineRollout(self.backend, self.tokenizer, r.seed, r.rollout.return_routing, self.timers,
-                                     self.out / "rollouts.jsonl")
+                                     self.out / "rollouts.jsonl", getattr(model.config, "n_routed_experts", None))
         cls = make_trainer_class()
         memo = RewardMemo()
         reward_funcs = [timed_reward(memo.wrap(f), self.timers) for f in self.reward_funcs]
@@ -323,7 +322,7 @@ class GRPORun:
         import weakref
 
         ref = weakref.ref(self.trainer)
-        self.trainer.add_callback(StepMetrics(ref, self.rollout, self.timers))
+        self.trainer.add_callback(StepMetrics(ref, self.rollout, self.timers, r.rollout.min_load_entropy))
         self.trainer.add_callback(LearningCurves(ref, r.curves, r.eval, self.tokenizer, r.seed, self.out))
 
     def _prompts_needed(self) -> int | None:

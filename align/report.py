@@ -121,6 +121,11 @@ def write_report(out: Path, recipe, evals: dict[str, dict], summary: dict) -> Pa
         plots.append(_plot(figs / f"{name}_length.png", f"{name}: completion length",
                            {"mean": _series(h, "completions/mean_length")}, "tokens"))
         plots.append(_expert_load_plot(d, figs / f"{name}_expert_load.png"))
+        layers = sorted({int(k[len("experts/layer"):-len("_load_entropy")]) for e in h for k in e
+                         if k.startswith("experts/layer") and k.endswith("_load_entropy")})
+        plots.append(_plot(figs / f"{name}_expert_entropy.png", f"{name}: expert-load entropy (1 = uniform)",
+                           {f"MoE layer {i}": _series(h, f"experts/layer{i}_load_entropy") for i in layers},
+                           "normalised entropy"))
         if read_curves(d):
             plots.insert(0, draw_curves(d, figs / f"{name}_curves.png", history=h, title=f"{name}: learning curves"))
     lines = [f"# Pipeline report: {out}", "",

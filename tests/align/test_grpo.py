@@ -40,7 +40,7 @@ def test_grpo_with_two_ray_workers(tmp_path, micro_sft_dir):
     state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
     logged = {k for h in state["log_history"] for k in h}
     for key in ("reward", "rewards/math_accuracy/mean", "time/generation_s", "time/sync_s", "time/reward_s",
-                "time/training_s", "experts/layer0_imbalance", "sampling/importance_sampling_ratio/mean",
+                "time/training_s", "experts/layer0_imbalance", "experts/layer0_load_entropy", "experts/layer0_max_share", "sampling/importance_sampling_ratio/mean",
                 "completions/mean_length", "clip_ratio/region_mean"):
         assert key in logged, key
 

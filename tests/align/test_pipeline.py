@@ -56,7 +56,7 @@ def test_pipeline_runs_skips_and_resumes(tmp_path):
     for name in ("base", "sft", "grpo"):
         assert f"| {name} |" in report
     assert (run / "figures" / "sft_loss.png").exists() and (run / "figures" / "grpo_reward.png").exists()
-    assert (run / "figures" / "grpo_expert_load.png").exists()
+    assert (run / "figures" / "grpo_expert_load.png").exists() and (run / "figures" / "grpo_expert_entropy.png").exists()
     # Learning curves survive the kill: points before it are kept, the resumed run adds the rest.
     steps = [json.loads(x)["step"] for x in (run / "grpo" / "curves.jsonl").read_text().splitlines()]
     assert steps[0] == 0 and steps[-1] == 12 and {4, 8} <= set(steps) and len(steps) == len(set(steps))
@@ -78,3 +78,13 @@ def test_pipeline_runs_skips_and_resumes(tmp_path):
     assert "stage grpo: inputs changed" in res.stderr
     assert list(run.glob("grpo.replaced-*"))
     assert json.loads((run / "grpo" / "metrics.json").read_text())["global_step"] == 2
+
+
+def test_stage_fingerprint_names_the_files_generated_prompts_avoid(root):
+    from align.pipeline import _data_files
+
+    raw = yaml.safe_load((ROOT / "recipes/tiny/grpo.yaml").read_text())
+    files = {str(p) for p in _data_files(raw)}
+    assert files == {"data/math/heldout.jsonl", "data/math/validation.jsonl"}
+    raw["data"]["train"] = [{"path": "data/math/train.jsonl", "kind": "math"}]
+    assert "data/math/train.jsonl" in {str(p) for p in _data_files(raw)}
