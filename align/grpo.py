@@ -56,6 +56,9 @@ class RolloutSection:
     num_gpus: float = dataclasses.field(default=0, metadata={"help": "GPUs per rollout actor"})
     timeout_s: float = dataclasses.field(default=600, metadata={"help": "a worker silent this long is replaced"})
     max_num_seqs: int = dataclasses.field(default=256, metadata={"help": "engine: sequences decoded together"})
+    max_model_len: int | None = dataclasses.field(
+        default=None, metadata={"help": "engine: longest prompt + completion, which sizes its latent cache; "
+                                        "null = the model's max_position_embeddings"})
     return_routing: bool = dataclasses.field(default=True, metadata={"help": "record routed experts (expert load)"})
     min_load_entropy: float = dataclasses.field(
         default=0.0, metadata={"help": "warn when a MoE layer's expert-load entropy over a step's rollouts (1 = "
@@ -351,6 +354,8 @@ class GRPORun:
     def _backend(self, model):
         r = self.recipe
         opts = {"max_num_seqs": r.rollout.max_num_seqs}
+        if r.rollout.max_model_len:
+            opts["max_model_len"] = r.rollout.max_model_len
         if r.rollout.device:
             opts["device"] = r.rollout.device
         if r.rollout.dtype:
