@@ -58,6 +58,8 @@ def micro_grpo(out_dir: Path, sft_dir: Path, steps: int = 3, mode: str = "ray", 
     for src in raw["data"].get("train", []):
         src["limit"] = 64
     raw["curves"] = {"every": 0}
+    # One rollout per step, as the version checks below expect; dynamic sampling has its own tests.
+    raw["dynamic_sampling"] = {"enabled": False}
     raw["eval"].update(limit=4, samples=2, max_new_tokens=16, batch_size=8)
     raw["rollout"].update(mode=mode, num_cpus=0.5, timeout_s=120)
     raw["trainer"].update(max_steps=steps, save_steps=max(1, steps // 2), logging_steps=1, num_generations=4,
