@@ -107,7 +107,8 @@ class LearningCurves(TrainerCallback):
         self.engine = None
 
 
-def _series(history: list[dict], key: str) -> tuple[list, list]:
+def series(history: list[dict], key: str) -> tuple[list, list]:
+    """(steps, values) of one logged metric."""
     pts = [(h["step"], float(h[key])) for h in history if key in h and "step" in h]
     return [p[0] for p in pts], [p[1] for p in pts]
 
@@ -133,13 +134,13 @@ def draw_curves(run_dir: Path, path: Path, history: list[dict] | None = None, ti
         ("math accuracy: held-out subset vs training prompts",
          {"held-out greedy": ([p["step"] for p in points], [p["heldout_greedy"] for p in points]),
           "held-out pass@1": ([p["step"] for p in points], [p["heldout_pass1"] for p in points]),
-          "fresh training prompts (sampled)": _series(history, accuracy)}),
-        ("training reward", {"fresh prompts (before filtering)": _series(history, "dynamic/fresh_reward"),
-                             "trained batch": _series(history, "reward")}),
-        ("token entropy (nats)", {"entropy": _series(history, "entropy")}),
-        ("zero-variance groups", {"fraction": _series(history, zero)}),
-        ("KL to reference", {"kl": _series(history, "kl")}),
-        ("completion length (tokens)", {"mean": _series(history, "completions/mean_length")}),
+          "fresh training prompts (sampled)": series(history, accuracy)}),
+        ("training reward", {"fresh prompts (before filtering)": series(history, "dynamic/fresh_reward"),
+                             "trained batch": series(history, "reward")}),
+        ("token entropy (nats)", {"entropy": series(history, "entropy")}),
+        ("zero-variance groups", {"fraction": series(history, zero)}),
+        ("KL to reference", {"kl": series(history, "kl")}),
+        ("completion length (tokens)", {"mean": series(history, "completions/mean_length")}),
     ]
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
     for ax, (name, curves) in zip(axes.flat, panels):

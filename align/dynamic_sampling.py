@@ -14,6 +14,7 @@ through :class:`RewardMemo`, so no completion is scored twice (a code reward run
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable, Iterator
 
@@ -78,7 +79,7 @@ class RewardMemo:
         return reward
 
 
-# Dataset columns a reward may read (the prompt rows of align.grpo.prompt_row).
+# Dataset columns a reward may read (the prompt rows of align.grpo_prompts.prompt_row).
 ROW_COLUMNS = ("answer", "tests", "entry_point", "io_cases")
 
 
@@ -112,14 +113,7 @@ class GroupFilter:
         return total, per_func
 
     def _draw(self, n_groups: int) -> list[dict]:
-        rows = []
-        for _ in range(n_groups):
-            try:
-                row = next(self.refill)
-            except StopIteration:
-                break
-            rows += [dict(row) for _ in range(self.group_size)]
-        return rows
+        return [dict(row) for row in itertools.islice(self.refill, n_groups) for _ in range(self.group_size)]
 
     def fill(self, rows: list[dict], generate: Callable[[list[dict]], dict],
              decode: Callable[[list[list[int]]], list]) -> tuple[list[dict], dict, dict]:

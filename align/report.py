@@ -10,14 +10,9 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on training boxes
 import matplotlib.pyplot as plt  # noqa: E402
 
-from align.curves import draw_curves, history_of, read_curves  # noqa: E402
+from align.curves import draw_curves, history_of, read_curves, series  # noqa: E402
 
 HELDOUT_KEYS = ("heldout_math_accuracy", "heldout_math_pass1")
-
-
-def _series(history: list[dict], key: str) -> tuple[list[float], list[float]]:
-    pts = [(h["step"], h[key]) for h in history if key in h and "step" in h]
-    return [p[0] for p in pts], [float(p[1]) for p in pts]
 
 
 def _plot(path: Path, title: str, curves: dict[str, tuple[list, list]], ylabel: str) -> Path | None:
@@ -113,18 +108,18 @@ def write_report(out: Path, recipe, evals: dict[str, dict], summary: dict) -> Pa
     plots = []
     for name, d in stage_dirs.items():
         h = history_of(d)
-        plots.append(_plot(figs / f"{name}_loss.png", f"{name}: training loss", {"loss": _series(h, "loss")}, "loss"))
+        plots.append(_plot(figs / f"{name}_loss.png", f"{name}: training loss", {"loss": series(h, "loss")}, "loss"))
         plots.append(_plot(figs / f"{name}_reward.png", f"{name}: reward and accuracy",
-                           {"reward": _series(h, "reward"),
-                            "math accuracy": _series(h, "rewards/math_accuracy/mean")}, "mean over completions"))
-        plots.append(_plot(figs / f"{name}_kl.png", f"{name}: KL to reference", {"kl": _series(h, "kl")}, "KL"))
+                           {"reward": series(h, "reward"),
+                            "math accuracy": series(h, "rewards/math_accuracy/mean")}, "mean over completions"))
+        plots.append(_plot(figs / f"{name}_kl.png", f"{name}: KL to reference", {"kl": series(h, "kl")}, "KL"))
         plots.append(_plot(figs / f"{name}_length.png", f"{name}: completion length",
-                           {"mean": _series(h, "completions/mean_length")}, "tokens"))
+                           {"mean": series(h, "completions/mean_length")}, "tokens"))
         plots.append(_expert_load_plot(d, figs / f"{name}_expert_load.png"))
         layers = sorted({int(k[len("experts/layer"):-len("_load_entropy")]) for e in h for k in e
                          if k.startswith("experts/layer") and k.endswith("_load_entropy")})
         plots.append(_plot(figs / f"{name}_expert_entropy.png", f"{name}: expert-load entropy (1 = uniform)",
-                           {f"MoE layer {i}": _series(h, f"experts/layer{i}_load_entropy") for i in layers},
+                           {f"MoE layer {i}": series(h, f"experts/layer{i}_load_entropy") for i in layers},
                            "normalised entropy"))
         if read_curves(d):
             plots.insert(0, draw_curves(d, figs / f"{name}_curves.png", history=h, title=f"{name}: learning curves"))
