@@ -40,7 +40,8 @@ def test_grpo_with_two_ray_workers(tmp_path, micro_sft_dir):
     state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
     logged = {k for h in state["log_history"] for k in h}
     for key in ("reward", "rewards/math_accuracy/mean", "time/generation_s", "time/sync_s", "time/reward_s",
-                "time/training_s", "experts/layer0_imbalance", "experts/layer0_load_entropy", "experts/layer0_max_share", "sampling/importance_sampling_ratio/mean",
+                "time/training_s", "experts/layer0_imbalance", "experts/layer0_load_entropy",
+                "experts/layer0_max_share", "sampling/importance_sampling_ratio/mean",
                 "completions/mean_length", "clip_ratio/region_mean"):
         assert key in logged, key
 
@@ -125,7 +126,8 @@ def test_generated_prompts_dynamic_sampling_and_curves(tmp_path, micro_sft_dir):
     history = json.loads((out / "log_history.json").read_text())["log_history"]
     logged = {k for h in history for k in h}
     for key in ("dynamic/rounds", "dynamic/dropped_groups", "dynamic/unfilled_groups", "dynamic/fresh_reward",
-                "dynamic/fresh_zero_std_frac", "dynamic/fresh_math_accuracy", "curve/heldout_greedy", "curve/heldout_pass1", "entropy", "kl",
+                "dynamic/fresh_zero_std_frac", "dynamic/fresh_math_accuracy", "curve/heldout_greedy",
+                "curve/heldout_pass1", "entropy", "kl",
                 "frac_reward_zero_std", "completions/mean_length"):
         assert key in logged, key
     steps = [h for h in history if "dynamic/rounds" in h]

@@ -56,7 +56,8 @@ def test_pipeline_runs_skips_and_resumes(tmp_path):
     for name in ("base", "sft", "grpo"):
         assert f"| {name} |" in report
     assert (run / "figures" / "sft_loss.png").exists() and (run / "figures" / "grpo_reward.png").exists()
-    assert (run / "figures" / "grpo_expert_load.png").exists() and (run / "figures" / "grpo_expert_entropy.png").exists()
+    assert (run / "figures" / "grpo_expert_load.png").exists()
+    assert (run / "figures" / "grpo_expert_entropy.png").exists()
     # Learning curves survive the kill: points before it are kept, the resumed run adds the rest.
     steps = [json.loads(x)["step"] for x in (run / "grpo" / "curves.jsonl").read_text().splitlines()]
     assert steps[0] == 0 and steps[-1] == 12 and {4, 8} <= set(steps) and len(steps) == len(set(steps))
