@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--avoid", nargs="+", default=["data/math/train.jsonl", "data/math/heldout.jsonl"])
     val.add_argument("--n", type=int, default=200)
     val.add_argument("--seed", type=int, default=0)
+    val.add_argument("--force", action="store_true", help="replace an existing file")
 
     for stage, (module, help_text, _) in RECIPE_STAGES.items():
         if _available(module):
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "data" and args.action == "validation":
             from align.task_stream import build_validation
 
-            print(build_validation(args.out, args.avoid, n=args.n, seed=args.seed))
+            print(build_validation(args.out, args.avoid, n=args.n, seed=args.seed, force=args.force))
             return 0
         if args.command == "data":
             from align.data import build_all

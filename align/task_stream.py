@@ -65,11 +65,14 @@ def take(stream: Iterator[dict], n: int) -> list[dict]:
 
 
 def build_validation(out: str | Path, avoid: list[str | Path], n: int = 200, seed: int = 0,
-                     math_config: MathConfig = MathConfig()) -> Path:
-    """Write ``n`` math problems disjoint from every file in ``avoid`` (train, held-out) to ``out``."""
+                     math_config: MathConfig = MathConfig(), force: bool = False) -> Path:
+    """Write ``n`` math problems disjoint from every file in ``avoid`` (train, held-out) to ``out``; an existing
+    ``out`` is kept unless ``force``."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} exists; pass force=True (--force) to replace it")
     stream = task_stream("math", seed=10_000 + seed, exclude=prompts_of(avoid, "math"), math_config=math_config)
     rows = take(stream, n)
-    out = Path(out)
     tmp = out.with_suffix(".jsonl.tmp")
     write_jsonl(tmp, rows)
     tmp.replace(out)

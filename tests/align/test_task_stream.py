@@ -59,6 +59,10 @@ def test_code_stream_rows_pass_their_own_tests():
 def test_shipped_validation_split_is_reproducible_and_disjoint(tmp_path):
     out = build_validation(tmp_path / "v.jsonl", [ROOT / "data/math/train.jsonl", HELDOUT], n=200, seed=0)
     assert out.read_bytes() == VALIDATION.read_bytes()    # `align data validation` rebuilds the shipped file
+    with pytest.raises(FileExistsError, match="--force"):  # an existing split is never overwritten silently
+        build_validation(out, [HELDOUT], n=5, seed=1)
+    assert out.read_bytes() == VALIDATION.read_bytes()
+    assert len(build_validation(out, [HELDOUT], n=5, seed=1, force=True).read_text().splitlines()) == 5
     val = {r["prompt"] for r in load_rows(VALIDATION, "math")}
     assert len(val) == 200
     assert not val & prompts_of([HELDOUT, ROOT / "data/math/train.jsonl"], "math")
