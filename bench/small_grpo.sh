@@ -3,6 +3,8 @@
 # from it with two seeds side by side on the same GPU. Results under $OUT: each stage's metrics.json, curves
 # (curves.jsonl, curves.png) and log history, and summary.txt (held-out before/after per seed).
 #   bash bench/small_grpo.sh            (trl/datasets/math-verify carried as wheels in .whl/ on a bare GPU image)
+# DEADLINE=<s> stops the GRPO runs that many seconds after the script starts (less 40 s to pack the results), so a
+# device call with a wall-clock limit still brings back the logs and curves of runs cut short.
 set -u
 O=${OUT:-/tmp/small_out}; W=${WORK:-/tmp/small_work}; mkdir -p "$O" "$W"
 if [ -d .whl ] && ! python3 -c "import trl" 2>/dev/null; then
@@ -12,13 +14,14 @@ fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 QUIET="trainer.report_to=[] trainer.disable_tqdm=true"
 SEEDS=${SEEDS:-"0 1"}
-t0=$(date +%s)
+start=$(date +%s); t0=$start
 python3 -m align sft --config recipes/small/sft.yaml output_dir=$W/sft $QUIET ${SFT_ARGS:-} > "$W/sft.log" 2>&1
 echo "sft exit $? in $(( $(date +%s) - t0 ))s" >> "$O/summary.txt"
 cp "$W/sft/metrics.json" "$O/small_sft_metrics.json" 2>/dev/null
 t0=$(date +%s)
+left=0; [ -n "${DEADLINE:-}" ] && left=$(( DEADLINE - (t0 - start) - 40 )) && [ $left -lt 1 ] && left=1
 for s in $SEEDS; do
-  python3 -m align grpo --config recipes/small/grpo.yaml model.path=$W/sft output_dir=$W/grpo_s$s seed=$s \
+  timeout $left python3 -m align grpo --config recipes/small/grpo.yaml model.path=$W/sft output_dir=$W/grpo_s$s seed=$s \
     $QUIET ${GRPO_ARGS:-} > "$W/grpo_s$s.log" 2>&1 &
 done
 wait
@@ -27,7 +30,6 @@ for s in $SEEDS; do
   d=$W/grpo_s$s
   cp "$d/metrics.json" "$O/small_grpo_s${s}_metrics.json" 2>/dev/null
   cp "$d/curves.png" "$O/small_grpo_s${s}_curves.png" 2>/dev/null
-  tail -c 2000 "$W/grpo_s$s.log" > "$O/small_grpo_s${s}_tail.log"
   python3 - "$d" >> "$O/summary.txt" <<'PY'
 import json, sys, pathlib
 d = pathlib.Path(sys.argv[1])
