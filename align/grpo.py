@@ -31,6 +31,8 @@ from align.grpo_prompts import GRPOData, PromptSource
 from align.metrics import heldout_footing, heldout_math, write_metrics
 from align.model import load_tokenizer
 from align.recipe import EvalSection, ModelSection, PeftSection
+from align.router_hooks import RouterHooks
+from align.routing_replay import MoERLSection, RoutingReplay
 from align.rollout import ColocatedRollout, policy_state_dict
 from align.sft import lora_config
 from align.stage import claim_output_dir, lineage, process_group, save_final, train_or_resume
@@ -86,6 +88,7 @@ class GRPORecipe:
     rollout: RolloutSection = dataclasses.field(default_factory=RolloutSection)
     dynamic_sampling: DynamicSamplingSection = dataclasses.field(default_factory=DynamicSamplingSection)
     curves: CurvesSection = dataclasses.field(default_factory=CurvesSection)
+    moe: MoERLSection = dataclasses.field(default_factory=MoERLSection)
     ray: RaySection = dataclasses.field(default_factory=RaySection)
     trainer: dict = dataclasses.field(default_factory=dict, metadata={"help": "passed to trl.GRPOConfig"})
     peft: PeftSection | None = None
@@ -122,12 +125,16 @@ class EngineRollout:
     """GRPO's ``rollout_func``: groups of identical prompts in, one engine completion per row out.
 
     With dynamic sampling the batch is sampled before TRL asks (``prepare``), and the call returns that output.
+    With ``keep_routing`` each row's routing record (prompt and completion) rides along under ``"routing"`` and is
+    taken off as the rows go to TRL: ``handed_routing`` holds it for the trainer's forwards over that batch.
     """
 
     def __init__(self, backend, tokenizer, seed: int, return_routing: bool, timers: Timers, log_path: Path,
-                 n_experts: int | None = None):
+                 n_experts: int | None = None, keep_routing: bool = False):
         self.backend, self.tokenizer, self.seed = backend, tokenizer, seed
         self.return_routing, self.timers, self.log_path = return_routing, timers, log_path
+        self.keep_routing = keep_routing and return_routing
+        self.handed_routing: list[torch.Tensor | None] | None = None
         self.calls = 0
         self.last: dict = {}
         self.prepared: tuple[list, dict] | None = None
@@ -140,15 +147,19 @@ class EngineRollout:
             self.prepared = None
             if ready != prompts:
                 raise RuntimeError("the prepared rollout does not match the prompts TRL asks for")
-            return out
+            return self._hand(out)
         state = PartialState()
         every = gather_object(prompts) if state.num_processes > 1 else prompts
         out = [self._rollout(every, trainer)] if state.is_main_process else [None]
         if state.num_processes > 1:
             broadcast_object_list(out, from_process=0)
             start = state.process_index * len(prompts)
-            return {k: v[start:start + len(prompts)] for k, v in out[0].items()}
-        return out[0]
+            return self._hand({k: v[start:start + len(prompts)] for k, v in out[0].items()})
+        return self._hand(out[0])
+
+    def _hand(self, out: dict) -> dict:
+        self.handed_routing = out.pop("routing", None)
+        return out
 
     def prepare(self, inputs: list[dict], trainer, group_filter: GroupFilter) -> list[dict]:
         """Fill the batch with informative groups; returns the rows TRL scores, whose rollout the next call gives."""
@@ -194,12 +205,16 @@ class EngineRollout:
         self.calls += 1
         versions = [r.policy_version for r in records]
         out = {"prompt_ids": [], "completion_ids": [], "logprobs": [], "policy_version": []}
+        if self.keep_routing:
+            out["routing"] = []
         for r in records:
             for c in r.completions:
                 out["prompt_ids"].append(r.prompt_ids)
                 out["completion_ids"].append(c.token_ids)
                 out["logprobs"].append(c.logprobs)
                 out["policy_version"].append(r.policy_version)
+                if self.keep_routing:
+                    out["routing"].append(_full_routing(r, c))
         load = expert_load(records, self.n_experts)
         # A step's load sums all its rollouts (dynamic sampling runs several).
         self.step_load = add_loads(self.step_load, load) if self.step_load_version == version else load
@@ -212,6 +227,13 @@ class EngineRollout:
         return out
 
 
+def _full_routing(record, completion) -> torch.Tensor | None:
+    """(P + T - 1, n_moe_layers, top_k): every token the engine read for this completion."""
+    if record.prompt_routing is None or completion.routing is None:
+        return None
+    return torch.cat([record.prompt_routing, completion.routing])
+
+
 def _count(items) -> dict:
     out: dict = {}
     for x in items:
@@ -220,11 +242,13 @@ def _count(items) -> dict:
 
 
 class StepMetrics(TrainerCallback):
-    """Adds the time split (generation / reward / sync / training) and expert-load health to the logged metrics."""
+    """Adds the time split (generation / reward / sync / training), expert-load health and the routing mismatch
+    (and balance terms) to the logged metrics."""
 
-    def __init__(self, trainer_ref, rollout: EngineRollout, timers: Timers, min_load_entropy: float = 0.0):
+    def __init__(self, trainer_ref, rollout: EngineRollout, timers: Timers, min_load_entropy: float = 0.0,
+                 moe: RoutingReplay | None = None):
         self.trainer_ref, self.rollout, self.timers = trainer_ref, rollout, timers
-        self.min_load_entropy = min_load_entropy
+        self.min_load_entropy, self.moe = min_load_entropy, moe
         self.t0 = 0.0
 
     def on_step_begin(self, args, state, control, **kw):
@@ -241,6 +265,9 @@ class StepMetrics(TrainerCallback):
         # The rollouts this step trained on (with num_iterations > 1, the batch sampled for an earlier step).
         if self.rollout.step_load:
             for key, value in health_metrics(self.rollout.step_load, self.min_load_entropy, state.global_step).items():
+                metrics[key].append(value)
+        if self.moe is not None:
+            for key, value in self.moe.pop_metrics().items():
                 metrics[key].append(value)
 
 
@@ -265,7 +292,68 @@ def make_trainer_class():
             # Dynamic sampling swaps uninformative groups for fresh prompts before TRL scores the batch.
             if self.align_filter is not None and self.model.training:
                 inputs = self.rollout_func.prepare(inputs, self, self.align_filter)
-            return super()._generate_and_score_completions(inputs)
+            if self.align_moe is None:
+                return super()._generate_and_score_completions(inputs)
+            self.align_moe.begin_batch()
+            try:
+                output = super()._generate_and_score_completions(inputs)
+            finally:
+                self.align_moe.hooks.set_routes(None, None)
+            return self.align_moe.attach(output, self._align_rows())
+
+        def _align_rows(self):
+            """The engine's routing records of the batch TRL is working on (None: TRL generated it)."""
+            return getattr(self.rollout_func, "handed_routing", None)
+
+        def _compute_loss(self, model, inputs):
+            moe = self.align_moe
+            if moe is None:
+                return super()._compute_loss(model, inputs)
+            self._align_loss_routes = inputs.get("routed_experts")
+            try:
+                with moe.hooks.measuring(capture=moe.cfg.balancing):
+                    loss = super()._compute_loss(model, inputs)
+                mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+                extra = moe.loss_extra(mask)
+            finally:
+                self._align_loss_routes = None
+            if extra is not None:   # scaled for gradient accumulation as TRL scales the policy loss
+                loss = loss + extra / (self.current_gradient_accumulation_steps if self.model.training else 1.0)
+            return loss
+
+        def training_step(self, *args, **kwargs):
+            try:
+                return super().training_step(*args, **kwargs)
+            finally:   # the loss forward's routes stay set through the backward (gradient checkpointing recomputes)
+                if self.align_moe is not None:
+                    self.align_moe.hooks.set_routes(None, None)
+
+        def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
+                                               batch_size=None, **kwargs):
+            moe = self.align_moe
+            routes = None
+            if moe is not None:
+                routes = self._align_loss_routes if self._align_loss_routes is not None else \
+                    moe.generation_routes(self._align_rows(), input_ids, attention_mask, logits_to_keep)
+            if routes is None:
+                return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep,
+                                                                  batch_size, **kwargs)
+            if tuple(routes.shape[:2]) != tuple(input_ids.shape):
+                raise RuntimeError(f"routes cover {tuple(routes.shape[:2])} tokens, the batch {tuple(input_ids.shape)}")
+            extra = {k: v for k, v in kwargs.items() if k not in ("compute_entropy", "compute_aux_loss")}
+            if any(v is not None for v in extra.values()):
+                raise RuntimeError("routing replay supports text-only batches")
+            size = batch_size or input_ids.size(0)
+            parts = []
+            for start in range(0, input_ids.size(0), size):
+                rows = slice(start, start + size)
+                moe.hooks.set_routes(routes[rows], input_ids.device)
+                parts.append(super()._get_per_token_logps_and_entropies(
+                    model, input_ids[rows], attention_mask[rows], logits_to_keep, None, **kwargs))
+            logps = torch.cat([p[0] for p in parts])
+            entropies = torch.cat([p[1] for p in parts]) if parts[0][1] is not None else None
+            aux = torch.stack([p[2] for p in parts]).mean() if parts[0][2] is not None else None
+            return logps, entropies, aux
 
         def _generate_single_turn(self, *args, **kwargs):
             # TRL's own generation (rollout.mode: trl), timed like ours so the step split compares.
@@ -295,6 +383,7 @@ class GRPORun:
         self.state = process_group(self.args)
         if self.recipe.dynamic_sampling.enabled:
             self._check_dynamic_sampling()
+        self._check_moe()
         try:
             self.prompts = PromptSource(self.recipe.data, self._prompts_needed(), self.recipe.seed)
         except DataError as e:
@@ -309,8 +398,14 @@ class GRPORun:
         model = load_base(dataclasses.asdict(r.model), self.tokenizer, r.seed, DTYPES[r.model.dtype])
         engine = r.rollout.mode != "trl"
         self.backend = self._backend(model) if engine and self.state.is_main_process else None
+        hooks = RouterHooks()
+        moe = RoutingReplay(r.moe, hooks, getattr(model.config, "num_experts_per_tok", 0)) \
+            if hooks.attach(model) and (r.rollout.return_routing or r.moe.balancing) else None
+        if r.moe.routing_replay == "rollout" and moe is None:
+            raise recipes.RecipeError(f"{self.loaded.source}: moe.routing_replay: the model has no MoE layer")
         self.rollout = EngineRollout(self.backend, self.tokenizer, r.seed, r.rollout.return_routing, self.timers,
-                                     self.out / "rollouts.jsonl", getattr(model.config, "n_routed_experts", None))
+                                     self.out / "rollouts.jsonl", getattr(model.config, "n_routed_experts", None),
+                                     keep_routing=moe is not None)
         cls = make_trainer_class()
         memo = RewardMemo()
         reward_funcs = [timed_reward(memo.wrap(f), self.timers) for f in self.reward_funcs]
@@ -319,13 +414,16 @@ class GRPORun:
                            processing_class=self.tokenizer, peft_config=lora_config(r.peft) if r.peft else None,
                            rollout_func=self.rollout if engine else None)
         self.trainer.align_timers = self.timers
+        self.trainer.align_moe, self.trainer._align_loss_routes = moe, None
+        if moe is not None and self.trainer.ref_model is not None:
+            hooks.attach(self.trainer.ref_model)   # the reference's log-probs see the same routing
         self.trainer.align_filter = self._group_filter(reward_funcs) if r.dynamic_sampling.enabled else None
         if engine and self.args.vllm_importance_sampling_correction:
             self.trainer.use_vllm = True
         import weakref
 
         ref = weakref.ref(self.trainer)
-        self.trainer.add_callback(StepMetrics(ref, self.rollout, self.timers, r.rollout.min_load_entropy))
+        self.trainer.add_callback(StepMetrics(ref, self.rollout, self.timers, r.rollout.min_load_entropy, moe))
         self.trainer.add_callback(LearningCurves(ref, r.curves, r.eval, self.tokenizer, r.seed, self.out))
 
     def _prompts_needed(self) -> int | None:
@@ -346,6 +444,14 @@ class GRPORun:
             # Each process would run its own number of refill rounds, and rollouts are collective calls.
             raise recipes.RecipeError(f"{where}: runs in a single training process; launch without accelerate's "
                                       "multi-process mode or turn it off")
+
+    def _check_moe(self) -> None:
+        r, where = self.recipe, f"{self.loaded.source}: moe.routing_replay"
+        if r.moe.routing_replay == "rollout":
+            if r.rollout.mode == "trl":
+                raise recipes.RecipeError(f"{where}: replays the engine's routing; needs rollout.mode ray or colocated")
+            if not r.rollout.return_routing:
+                raise recipes.RecipeError(f"{where}: needs rollout.return_routing: true (the engine's routing record)")
 
     def _group_filter(self, reward_funcs) -> GroupFilter:
         return GroupFilter(self.recipe.dynamic_sampling, reward_funcs, self.reward_weights, self.prompts.refill(),

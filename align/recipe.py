@@ -23,6 +23,8 @@ from typing import Any, Literal
 
 import yaml
 
+from align.expert_balance import MoESection
+
 LOCK_NAME = "recipe.lock.yaml"
 LOCKED_PACKAGES = ("torch", "transformers", "trl", "accelerate", "peft", "datasets", "ray", "align")
 
@@ -94,6 +96,7 @@ class SFTRecipe:
     eval: EvalSection
     trainer: dict = dataclasses.field(default_factory=dict, metadata={"help": "passed to trl.SFTConfig"})
     peft: PeftSection | None = None
+    moe: MoESection = dataclasses.field(default_factory=MoESection)
 
 
 STAGES: dict[str, type] = {"sft": SFTRecipe}

@@ -31,7 +31,8 @@ def run_groups(engine, groups: list[PromptGroup], sampling: Sampling, worker: st
     for g, res in zip(groups, results, strict=True):
         comps = [Completion(list(o.token_ids), [float(x) for x in o.logprobs], o.finish_reason,
                             _routing(o, len(g.prompt_ids))) for o in res.outputs]
-        records.append(RolloutRecord(g.group_id, list(g.prompt_ids), comps, engine.version, worker))
+        records.append(RolloutRecord(g.group_id, list(g.prompt_ids), comps, engine.version, worker,
+                                     _prompt_routing(res.outputs, len(g.prompt_ids))))
     return records
 
 
@@ -43,6 +44,14 @@ def _routing(output, prompt_len: int) -> torch.Tensor | None:
     # The engine records every token it read: (P + T - 1, n_moe_layers, top_k); the shared prompt would
     # otherwise be counted n times.
     return torch.as_tensor(routing)[prompt_len - 1:].to(torch.int16)  # (T, n_moe_layers, top_k)
+
+
+def _prompt_routing(outputs, prompt_len: int) -> torch.Tensor | None:
+    """Experts chosen for the prompt tokens before the last: one prefill serves the group's n samples."""
+    routing = getattr(outputs[0], "routing", None) if outputs else None
+    if routing is None:
+        return None
+    return torch.as_tensor(routing)[:prompt_len - 1].to(torch.int16)  # (P - 1, n_moe_layers, top_k)
 
 
 def policy_state_dict(model) -> dict[str, torch.Tensor]:

@@ -20,8 +20,10 @@ from datasets import Dataset
 
 from align import recipe as recipes
 from align.data import load_rows, to_messages
+from align.expert_balance import MoESection, balance_loss
 from align.metrics import heldout_math, write_metrics
 from align.model import count_parameters, load_tokenizer
+from align.router_hooks import RouterHooks
 from align.checkpoint import DTYPES, load_base, load_trained
 from align.stage import claim_output_dir, lineage, process_group, save_final, train_or_resume
 
@@ -44,6 +46,40 @@ def lora_config(peft_section):
                       target_modules=peft_section.target_modules, task_type="CAUSAL_LM")
 
 
+def make_trainer_class(cfg: MoESection):
+    """TRL's SFTTrainer, plus DeepSeek-V2's expert / device balance loss when the recipe's ``moe`` section asks."""
+    from trl import SFTTrainer
+
+    if not cfg.balancing:
+        return SFTTrainer
+
+    class BalancedSFTTrainer(SFTTrainer):
+        align_hooks: RouterHooks
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            with self.align_hooks.measuring(capture=True):
+                out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                           num_items_in_batch=num_items_in_batch)
+            extra, stats = balance_loss(self.align_hooks.captured, inputs.get("attention_mask"), cfg)
+            self.align_hooks.captured = []
+            mode = "train" if model.training else "eval"
+            for key, value in stats.items():
+                self._metrics[mode][key].append(value)
+            # Weighted as the LM loss is: when that is already normalised over the accumulated batch, the
+            # Trainer does not divide by the accumulation steps, so the term is divided here.
+            scaled = getattr(self, "loss_is_scaled_for_ga", None)
+            if scaled is None:
+                scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) \
+                    or self.compute_loss_func is not None
+            if scaled and model.training:
+                extra = extra / self.current_gradient_accumulation_steps
+            if return_outputs:
+                return out[0] + extra, out[1]
+            return out + extra
+
+    return BalancedSFTTrainer
+
+
 class RankConsistency(TrainerCallback):
     """Records each rank's parameter checksum at the end, so a run can prove it was one synchronized job."""
 
@@ -63,8 +99,6 @@ class SFTRun:
         self.state = process_group(self.args)
 
     def setup(self) -> None:
-        from trl import SFTTrainer
-
         r = self.recipe
         # Everything that can be wrong with the inputs fails before the output folder is touched.
         self.tokenizer = load_tokenizer(r.model.tokenizer or r.model.path)
@@ -74,9 +108,13 @@ class SFTRun:
         self.inherited = lineage(r.model.path)
         model = load_base(dataclasses.asdict(r.model), self.tokenizer, r.seed, DTYPES[r.model.dtype])
         log.info("model: %.2fM parameters, dtype %s", count_parameters(model) / 1e6, r.model.dtype)
-        self.trainer = SFTTrainer(model=model, args=self.args, train_dataset=self.train_ds, eval_dataset=self.eval_ds,
-                                  processing_class=self.tokenizer,
-                                  peft_config=lora_config(r.peft) if r.peft else None)
+        trainer_cls = make_trainer_class(r.moe)
+        self.trainer = trainer_cls(model=model, args=self.args, train_dataset=self.train_ds, eval_dataset=self.eval_ds,
+                                   processing_class=self.tokenizer, peft_config=lora_config(r.peft) if r.peft else None)
+        if r.moe.balancing:
+            self.trainer.align_hooks = RouterHooks()
+            if not self.trainer.align_hooks.attach(self.trainer.model):
+                raise recipes.RecipeError(f"{self.loaded.source}: moe: the balance loss needs a MoE model")
         self.consistency = RankConsistency()
         self.trainer.add_callback(self.consistency)
 

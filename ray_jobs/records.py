@@ -47,3 +47,5 @@ class RolloutRecord:
     completions: list[Completion]
     policy_version: int
     worker: str                   # which worker produced it (for load and fault accounting)
+    prompt_routing: torch.Tensor | None = None  # (P - 1, n_moe_layers, top_k) int16 experts of the prompt tokens
+                                                # before the last (shared by the group), when routing is requested
