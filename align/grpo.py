@@ -17,8 +17,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from accelerate import PartialState
-from accelerate.utils import broadcast_object_list, gather_object
 from transformers import TrainerCallback
 
 from align import recipe as recipes
@@ -26,17 +24,18 @@ from align.checkpoint import DTYPES, load_base, load_trained
 from align.curves import CurvesSection, LearningCurves, draw_curves
 from align.data import DataError
 from align.dynamic_sampling import DynamicSamplingSection, GroupFilter, RewardMemo
-from align.expert_load import add_loads, expert_load, health_metrics
+from align.engine_rollout import EngineRollout, Timers, timed_reward
+from align.expert_load import health_metrics
+from align.overlap import Overlap
 from align.grpo_prompts import GRPOData, PromptSource
 from align.metrics import heldout_footing, heldout_math, write_metrics
 from align.model import load_tokenizer
 from align.recipe import EvalSection, ModelSection, PeftSection
 from align.router_hooks import RouterHooks
 from align.routing_replay import MoERLSection, RoutingReplay
-from align.rollout import ColocatedRollout, policy_state_dict
+from align.rollout import ColocatedRollout
 from align.sft import lora_config
 from align.stage import claim_output_dir, lineage, process_group, save_final, train_or_resume
-from ray_jobs.records import PromptGroup, Sampling
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +68,14 @@ class RolloutSection:
     dtype: Literal["float32", "bfloat16", "float16"] | None = dataclasses.field(
         default=None, metadata={"help": "engine dtype; default: the policy's (bf16 rollouts from fp32 masters work; "
                                         "keep importance-sampling correction on)"})
+    max_staleness: int = dataclasses.field(
+        default=0, metadata={"help": "0 = sample each batch with the current policy; k >= 1 = sample the next batch "
+                                     "while the trainer steps, with weights up to k optimizer steps old (needs "
+                                     "trainer.vllm_importance_sampling_correction)"})
+
+    def __post_init__(self):
+        if self.max_staleness < 0:
+            raise ValueError(f"max_staleness must be >= 0, got {self.max_staleness}")
 
 
 @dataclasses.dataclass
@@ -97,150 +104,6 @@ class GRPORecipe:
 recipes.register_stage("grpo", GRPORecipe, "GRPOConfig")
 
 
-class Timers:
-    def __init__(self):
-        self.acc: dict[str, float] = {}
-
-    def add(self, key: str, seconds: float) -> None:
-        self.acc[key] = self.acc.get(key, 0.0) + seconds
-
-    def pop(self) -> dict[str, float]:
-        out, self.acc = self.acc, {}
-        return out
-
-
-def timed_reward(fn, timers: Timers):
-    def wrapped(*args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            timers.add("reward", time.perf_counter() - t0)
-
-    wrapped.__name__ = getattr(fn, "__name__", "reward")
-    return wrapped
-
-
-class EngineRollout:
-    """GRPO's ``rollout_func``: groups of identical prompts in, one engine completion per row out.
-
-    With dynamic sampling the batch is sampled before TRL asks (``prepare``), and the call returns that output.
-    With ``keep_routing`` each row's routing record (prompt and completion) rides along under ``"routing"`` and is
-    taken off as the rows go to TRL: ``handed_routing`` holds it for the trainer's forwards over that batch.
-    """
-
-    def __init__(self, backend, tokenizer, seed: int, return_routing: bool, timers: Timers, log_path: Path,
-                 n_experts: int | None = None, keep_routing: bool = False):
-        self.backend, self.tokenizer, self.seed = backend, tokenizer, seed
-        self.return_routing, self.timers, self.log_path = return_routing, timers, log_path
-        self.keep_routing = keep_routing and return_routing
-        self.handed_routing: list[torch.Tensor | None] | None = None
-        self.calls = 0
-        self.last: dict = {}
-        self.prepared: tuple[list, dict] | None = None
-        self.n_experts = n_experts
-        self.step_load, self.step_load_version = None, None
-
-    def __call__(self, prompts: list, trainer) -> dict:
-        if self.prepared is not None:
-            ready, out = self.prepared
-            self.prepared = None
-            if ready != prompts:
-                raise RuntimeError("the prepared rollout does not match the prompts TRL asks for")
-            return self._hand(out)
-        state = PartialState()
-        every = gather_object(prompts) if state.num_processes > 1 else prompts
-        out = [self._rollout(every, trainer)] if state.is_main_process else [None]
-        if state.num_processes > 1:
-            broadcast_object_list(out, from_process=0)
-            start = state.process_index * len(prompts)
-            return self._hand({k: v[start:start + len(prompts)] for k, v in out[0].items()})
-        return self._hand(out[0])
-
-    def _hand(self, out: dict) -> dict:
-        self.handed_routing = out.pop("routing", None)
-        return out
-
-    def prepare(self, inputs: list[dict], trainer, group_filter: GroupFilter) -> list[dict]:
-        """Fill the batch with informative groups; returns the rows TRL scores, whose rollout the next call gives."""
-        def decode(completion_ids):
-            texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-            return [[{"role": "assistant", "content": t}] for t in texts]
-
-        rows, out, stats = group_filter.fill(inputs, lambda rows: self._rollout([r["prompt"] for r in rows], trainer),
-                                             decode)
-        self.prepared = ([r["prompt"] for r in rows], out)
-        metrics = trainer._metrics["train"]
-        for key, value in stats.items():
-            metrics[f"dynamic/{key}"].append(value)
-        return rows
-
-    def _rollout(self, prompts: list, trainer) -> dict:
-        g = trainer.num_generations if trainer.model.training else trainer.num_generations_eval
-        if len(prompts) % g:
-            raise RuntimeError(f"rollout got {len(prompts)} prompts, not a multiple of num_generations={g}")
-        version = trainer.state.global_step
-        sync_s = 0.0
-        if self.backend.version != version:
-            sync_s = self.backend.sync_weights(policy_state_dict(trainer.model_wrapped_unwrapped()), version)
-            self.timers.add("sync", sync_s)
-        unique = prompts[::g]
-        for i, p in enumerate(unique):
-            if any(q != p for q in prompts[i * g:(i + 1) * g]):
-                raise RuntimeError("rollout expects each prompt repeated num_generations times in a row")
-        groups = [
-            PromptGroup(i, self.tokenizer.apply_chat_template(p, tokenize=True, add_generation_prompt=True,
-                                                              return_dict=True)["input_ids"],
-                        seed=hash((self.seed, version, self.calls, i)) & 0x7FFFFFFF)
-            for i, p in enumerate(unique)
-        ]
-        args = trainer.args
-        sampling = Sampling(n=g, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or 0,
-                            max_tokens=args.max_completion_length, stop_token_ids=[self.tokenizer.eos_token_id],
-                            return_routing=self.return_routing)
-        t0 = time.perf_counter()
-        records = self.backend.generate(groups, sampling)
-        gen_s = time.perf_counter() - t0
-        self.timers.add("generation", gen_s)
-        self.calls += 1
-        versions = [r.policy_version for r in records]
-        out = {"prompt_ids": [], "completion_ids": [], "logprobs": [], "policy_version": []}
-        if self.keep_routing:
-            out["routing"] = []
-        for r in records:
-            for c in r.completions:
-                out["prompt_ids"].append(r.prompt_ids)
-                out["completion_ids"].append(c.token_ids)
-                out["logprobs"].append(c.logprobs)
-                out["policy_version"].append(r.policy_version)
-                if self.keep_routing:
-                    out["routing"].append(_full_routing(r, c))
-        load = expert_load(records, self.n_experts)
-        # A step's load sums all its rollouts (dynamic sampling runs several).
-        self.step_load = add_loads(self.step_load, load) if self.step_load_version == version else load
-        self.step_load_version = version
-        self.last = {"step": version, "policy_versions": sorted(set(versions)), "groups": len(records),
-                     "completions": len(out["completion_ids"]), "generation_s": gen_s, "sync_s": sync_s,
-                     "workers": _count(r.worker for r in records), "expert_load": load}
-        with open(self.log_path, "a") as f:
-            f.write(json.dumps(self.last) + "\n")
-        return out
-
-
-def _full_routing(record, completion) -> torch.Tensor | None:
-    """(P + T - 1, n_moe_layers, top_k): every token the engine read for this completion."""
-    if record.prompt_routing is None or completion.routing is None:
-        return None
-    return torch.cat([record.prompt_routing, completion.routing])
-
-
-def _count(items) -> dict:
-    out: dict = {}
-    for x in items:
-        out[x] = out.get(x, 0) + 1
-    return out
-
-
 class StepMetrics(TrainerCallback):
     """Adds the time split (generation / reward / sync / training), expert-load health and the routing mismatch
     (and balance terms) to the logged metrics."""
@@ -253,6 +116,8 @@ class StepMetrics(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kw):
         self.t0 = time.perf_counter()
+        if self.rollout.overlap is not None:   # a generation serving several steps: start the next k steps ahead
+            self.rollout.overlap.submit_if_due(self.trainer_ref())
 
     def on_step_end(self, args, state, control, **kw):
         metrics = self.trainer_ref()._metrics["train"]
@@ -268,6 +133,9 @@ class StepMetrics(TrainerCallback):
                 metrics[key].append(value)
         if self.moe is not None:
             for key, value in self.moe.pop_metrics().items():
+                metrics[key].append(value)
+        if self.rollout.overlap is not None:
+            for key, value in self.rollout.overlap.pop_metrics().items():
                 metrics[key].append(value)
 
 
@@ -289,8 +157,10 @@ def make_trainer_class():
             return super()._generate(prompts)
 
         def _generate_and_score_completions(self, inputs):
-            # Dynamic sampling swaps uninformative groups for fresh prompts before TRL scores the batch.
-            if self.align_filter is not None and self.model.training:
+            # Dynamic sampling swaps uninformative groups for fresh prompts before TRL scores the batch; with
+            # overlap the batch is the one sampled in the background, on the rows TRL gave the previous time.
+            ahead = getattr(self.rollout_func, "overlap", None) is not None
+            if (self.align_filter is not None or ahead) and self.model.training:
                 inputs = self.rollout_func.prepare(inputs, self, self.align_filter)
             if self.align_moe is None:
                 return super()._generate_and_score_completions(inputs)
@@ -384,6 +254,8 @@ class GRPORun:
         if self.recipe.dynamic_sampling.enabled:
             self._check_dynamic_sampling()
         self._check_moe()
+        if self.recipe.rollout.max_staleness:
+            self._check_overlap()
         try:
             self.prompts = PromptSource(self.recipe.data, self._prompts_needed(), self.recipe.seed)
         except DataError as e:
@@ -417,7 +289,11 @@ class GRPORun:
         self.trainer.align_moe, self.trainer._align_loss_routes = moe, None
         if moe is not None and self.trainer.ref_model is not None:
             hooks.attach(self.trainer.ref_model)   # the reference's log-probs see the same routing
+        self.refill = self.prompts.refill()   # one stream: dynamic sampling's and overlap's rows never repeat
         self.trainer.align_filter = self._group_filter(reward_funcs) if r.dynamic_sampling.enabled else None
+        if r.rollout.max_staleness and engine:
+            self.rollout.overlap = Overlap(self.rollout, r.rollout.max_staleness, self._generation_interval(),
+                                           self.refill, self.args.num_generations)
         if engine and self.args.vllm_importance_sampling_correction:
             self.trainer.use_vllm = True
         import weakref
@@ -453,8 +329,27 @@ class GRPORun:
             if not r.rollout.return_routing:
                 raise recipes.RecipeError(f"{where}: needs rollout.return_routing: true (the engine's routing record)")
 
+    def _generation_interval(self) -> int:
+        """Optimizer steps one generation batch serves."""
+        a = self.args
+        return a.steps_per_generation * a.num_iterations // a.gradient_accumulation_steps
+
+    def _check_overlap(self) -> None:
+        where, a = f"{self.loaded.source}: rollout.max_staleness", self.args
+        if self.recipe.rollout.mode == "trl":
+            raise recipes.RecipeError(f"{where}: overlaps our engine's rollouts; needs rollout.mode ray or colocated")
+        if not a.vllm_importance_sampling_correction:
+            raise recipes.RecipeError(f"{where}: off-policy batches need trainer.vllm_importance_sampling_correction: "
+                                      "true (the engine's behaviour log-probs correct the loss)")
+        if self.state.num_processes > 1:
+            raise recipes.RecipeError(f"{where}: runs in a single training process")
+        if (a.steps_per_generation * a.num_iterations) % a.gradient_accumulation_steps:
+            raise recipes.RecipeError(f"{where}: a generation batch must serve whole optimizer steps "
+                                      "(steps_per_generation x num_iterations a multiple of "
+                                      "gradient_accumulation_steps)")
+
     def _group_filter(self, reward_funcs) -> GroupFilter:
-        return GroupFilter(self.recipe.dynamic_sampling, reward_funcs, self.reward_weights, self.prompts.refill(),
+        return GroupFilter(self.recipe.dynamic_sampling, reward_funcs, self.reward_weights, self.refill,
                            self.args.num_generations)
 
     def _backend(self, model):
@@ -507,6 +402,11 @@ class GRPORun:
         return {f"start_{k}": prev[k] for k in ("heldout_math_accuracy", "heldout_math_pass1") if k in prev}
 
     def cleanup(self) -> None:
+        overlap = getattr(getattr(self, "rollout", None), "overlap", None)
+        if overlap is not None:
+            unused = overlap.close()
+            log.info("overlap: %d groups sampled ahead were not trained on (the run ended); %d stale groups "
+                     "were dropped and sampled again", unused, overlap.dropped_total)
         if self.backend is not None:
             self.backend.shutdown()
 

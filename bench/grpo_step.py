@@ -5,6 +5,11 @@ Runs the same GRPO recipe (default: recipes/tiny/grpo.yaml from an SFT checkpoin
 the first step (start-up). Outputs go to a temporary folder.
 
     python bench/grpo_step.py --sft outputs/tiny/sft --steps 8
+
+``--variants`` compares recipe settings under each mode, runs interleaved (base, variant, base, variant, ...) and
+repeated ``--repeats`` times so that drift of a shared machine hits both alike; each row is the mean over repeats:
+
+    python bench/grpo_step.py --sft outputs/tiny/sft --repeats 3 --variants replay=moe.routing_replay=rollout --modes ray
 """
 
 from __future__ import annotations
@@ -34,18 +39,36 @@ def main(argv=None) -> None:
     p.add_argument("--recipe", default="recipes/tiny/grpo.yaml")
     p.add_argument("--sft", default="outputs/tiny/sft")
     p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--variants", nargs="+", default=[], metavar="NAME=KEY=VALUE[,KEY=VALUE]",
+                   help="settings compared with the base recipe (before --modes)")
     p.add_argument("--modes", nargs="+", choices=["trl", "ray", "colocated"], default=["trl", "ray", "colocated"])
     p.add_argument("overrides", nargs="*", help="extra key.sub=value recipe overrides (before --modes, which takes "
                                                "every word after it)")
     args = p.parse_args(argv)
-    results = {}
+    variants = {"base": []}
+    for v in args.variants:
+        name, _, settings = v.partition("=")
+        if not name or "=" not in settings:
+            p.error(f"--variants {v!r}: expected NAME=KEY=VALUE[,KEY=VALUE]")
+        variants[name] = settings.split(",")
+    runs: dict[tuple[str, str], list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in args.modes:
-            results[mode] = run_mode(args.recipe, args.sft, mode, args.steps, Path(tmp) / mode, args.overrides)
-    print(f"| rollout | {' | '.join(k.split('/')[1][:-2] + ' (s)' for k in KEYS)} |")
-    print("|---" * (len(KEYS) + 1) + "|")
-    for mode, r in results.items():
-        print(f"| {mode} | " + " | ".join(f"{r[k]:.2f}" for k in KEYS) + " |")
+            for rep in range(args.repeats):
+                for name, settings in variants.items():
+                    r = run_mode(args.recipe, args.sft, mode, args.steps, Path(tmp) / f"{mode}_{name}_{rep}",
+                                 [*args.overrides, *settings])
+                    runs.setdefault((mode, name), []).append(r)
+                    print(f"{mode} {name} #{rep}: step {r['time/step_s']:.3f} s", file=sys.stderr, flush=True)
+    label = "rollout" if len(variants) == 1 else "rollout, setting"
+    print(f"| {label} | {' | '.join(k.split('/')[1][:-2] + ' (s)' for k in KEYS)} | step, each repeat (s) |")
+    print("|---" * (len(KEYS) + 2) + "|")
+    for (mode, name), rs in runs.items():
+        mean = {k: sum(r[k] for r in rs) / len(rs) for k in KEYS}
+        row = mode if len(variants) == 1 else f"{mode}, {name}"
+        print(f"| {row} | " + " | ".join(f"{mean[k]:.3f}" for k in KEYS) + " | "
+              + " / ".join(f"{r['time/step_s']:.3f}" for r in rs) + " |")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@
 #   bash bench/small_grpo.sh            (trl/datasets/math-verify carried as wheels in .whl/ on a bare GPU image)
 # DEADLINE=<s> stops the GRPO runs that many seconds after the script starts (less 40 s to pack the results), so a
 # device call with a wall-clock limit still brings back the logs and curves of runs cut short.
+# An SFT already in $WORK/sft (a second call on the same warm machine) is reused: GRPO settings compared across calls
+# then start from the same SFT weights. TAG=<name> prefixes the result files (e.g. TAG=replay GRPO_ARGS=moe.routing_replay=rollout).
 set -u
 O=${OUT:-/tmp/small_out}; W=${WORK:-/tmp/small_work}; mkdir -p "$O" "$W"
 if [ -d .whl ] && ! python3 -c "import trl" 2>/dev/null; then
@@ -14,22 +16,27 @@ fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 QUIET="trainer.report_to=[] trainer.disable_tqdm=true"
 SEEDS=${SEEDS:-"0 1"}
+T=${TAG:+${TAG}_}
 start=$(date +%s); t0=$start
-python3 -m align sft --config recipes/small/sft.yaml output_dir=$W/sft $QUIET ${SFT_ARGS:-} > "$W/sft.log" 2>&1
-echo "sft exit $? in $(( $(date +%s) - t0 ))s" >> "$O/summary.txt"
+if [ -f "$W/sft/metrics.json" ]; then
+  echo "sft reused from $W/sft" >> "$O/summary.txt"
+else
+  python3 -m align sft --config recipes/small/sft.yaml output_dir=$W/sft $QUIET ${SFT_ARGS:-} > "$W/sft.log" 2>&1
+  echo "sft exit $? in $(( $(date +%s) - t0 ))s" >> "$O/summary.txt"
+fi
 cp "$W/sft/metrics.json" "$O/small_sft_metrics.json" 2>/dev/null
 t0=$(date +%s)
 left=0; [ -n "${DEADLINE:-}" ] && left=$(( DEADLINE - (t0 - start) - 40 )) && [ $left -lt 1 ] && left=1
 for s in $SEEDS; do
-  timeout $left python3 -m align grpo --config recipes/small/grpo.yaml model.path=$W/sft output_dir=$W/grpo_s$s seed=$s \
-    $QUIET ${GRPO_ARGS:-} > "$W/grpo_s$s.log" 2>&1 &
+  timeout $left python3 -m align grpo --config recipes/small/grpo.yaml model.path=$W/sft output_dir=$W/${T}grpo_s$s seed=$s \
+    $QUIET ${GRPO_ARGS:-} > "$W/${T}grpo_s$s.log" 2>&1 &
 done
 wait
 echo "grpo (seeds $SEEDS at once) done in $(( $(date +%s) - t0 ))s" >> "$O/summary.txt"
 for s in $SEEDS; do
-  d=$W/grpo_s$s
-  cp "$d/metrics.json" "$O/small_grpo_s${s}_metrics.json" 2>/dev/null
-  cp "$d/curves.png" "$O/small_grpo_s${s}_curves.png" 2>/dev/null
+  d=$W/${T}grpo_s$s
+  cp "$d/metrics.json" "$O/small_${T}grpo_s${s}_metrics.json" 2>/dev/null
+  cp "$d/curves.png" "$O/small_${T}grpo_s${s}_curves.png" 2>/dev/null
   python3 - "$d" >> "$O/summary.txt" <<'PY'
 import json, sys, pathlib
 d = pathlib.Path(sys.argv[1])
@@ -40,5 +47,5 @@ print(d.name, {k: round(m[k], 4) for k in ("start_heldout_math_accuracy", "heldo
       "start_heldout_math_pass1", "heldout_math_pass1", "train_runtime") if k in m})
 PY
 done
-tar czf "$O/small_runs.tgz" -C "$W" --exclude='*.safetensors' --exclude='*.bin' --exclude='checkpoint-*' --exclude=runs .
+tar czf "$O/small_${T}runs.tgz" -C "$W" --exclude='*.safetensors' --exclude='*.bin' --exclude='checkpoint-*' --exclude=runs .
 cat "$O/summary.txt"

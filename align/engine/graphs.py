@@ -124,7 +124,8 @@ class DecodeGraphs:
         torch.cuda.current_stream(self.runner.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self.pool):
+            # thread_local: a trainer thread may run kernels beside a capture on a background rollout's stream.
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 out = self._forward(*key)
         except RuntimeError as e:
             raise RuntimeError(f"capturing a decode step failed ({e}); build the engine with cuda_graphs=False "

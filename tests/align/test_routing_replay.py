@@ -7,7 +7,7 @@ import torch
 from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 
 from align.engine import Engine
-from align.grpo import _full_routing
+from align.engine_rollout import _full_routing
 from align.rollout import run_groups
 from align.router_hooks import RouterHooks
 from align.routing_replay import routes_tensor
