@@ -116,10 +116,11 @@ class GroupFilter:
         return [dict(row) for row in itertools.islice(self.refill, n_groups) for _ in range(self.group_size)]
 
     def fill(self, rows: list[dict], generate: Callable[[list[dict]], dict],
-             decode: Callable[[list[list[int]]], list]) -> tuple[list[dict], dict, dict]:
-        """(rows, rollout output, stats) for a full batch of ``len(rows) // G`` groups."""
+             decode: Callable[[list[list[int]]], list], need: int | None = None) -> tuple[list[dict], dict, dict]:
+        """(rows, rollout output, stats) for a full batch of ``need`` groups (default ``len(rows) // G``; the first
+        round may sample more, as overlap's batch sampled ahead does)."""
         G = self.group_size
-        need = len(rows) // G
+        need = len(rows) // G if need is None else need
         kept: list[tuple[list[dict], dict]] = []     # (G rows, G-row slice of the rollout output)
         spare: list[tuple[list[dict], dict]] = []
         stats = {"rounds": 0, "generated_groups": 0, "dropped_groups": 0, "refilled_groups": 0,

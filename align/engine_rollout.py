@@ -91,7 +91,7 @@ class EngineRollout:
         >= 1) its first round is the batch sampled in the background while the trainer stepped, and ``inputs``
         are kept to be sampled for the next generation batch."""
         if self.overlap is not None:
-            first_rows, first_out = self.overlap.take(inputs, trainer)
+            first_rows, first_out = self.overlap.take(inputs, trainer, oversample=group_filter is not None)
         else:
             first_rows, first_out = inputs, None
 
@@ -107,7 +107,10 @@ class EngineRollout:
                 texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
                 return [[{"role": "assistant", "content": t}] for t in texts]
 
-            rows, out, stats = group_filter.fill(first_rows, generate, decode)
+            need = len(inputs) // trainer.num_generations
+            rows, out, stats = group_filter.fill(first_rows, generate, decode, need=need)
+            if self.overlap is not None:
+                self.overlap.keep_rate = 1.0 - stats["fresh_zero_std_frac"]
             metrics = trainer._metrics["train"]
             for key, value in stats.items():
                 metrics[f"dynamic/{key}"].append(value)

@@ -293,7 +293,7 @@ class GRPORun:
         self.trainer.align_filter = self._group_filter(reward_funcs) if r.dynamic_sampling.enabled else None
         if r.rollout.max_staleness and engine:
             self.rollout.overlap = Overlap(self.rollout, r.rollout.max_staleness, self._generation_interval(),
-                                           self.refill, self.args.num_generations)
+                                           self.refill, self.args.num_generations, r.dynamic_sampling.max_oversample)
         if engine and self.args.vllm_importance_sampling_correction:
             self.trainer.use_vllm = True
         import weakref

@@ -19,6 +19,7 @@ sampled again with the current weights.
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,10 +36,13 @@ class _Pending:
 
 
 class Overlap:
-    def __init__(self, rollout, max_staleness: int, interval: int, refill: Iterator[dict], group_size: int):
+    def __init__(self, rollout, max_staleness: int, interval: int, refill: Iterator[dict], group_size: int,
+                 max_oversample: float = 1.0):
         if max_staleness < 1:
             raise ValueError("overlap needs max_staleness >= 1")
         self.rollout, self.k, self.interval = rollout, max_staleness, interval
+        self.max_oversample, self.oversample = max_oversample, False
+        self.keep_rate: float | None = None      # informative share of the last first round (dynamic sampling)
         self.refill, self.group_size = refill, group_size
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="overlap-rollout")
         self.pending: _Pending | None = None
@@ -48,8 +52,13 @@ class Overlap:
         self.dropped_total = 0
 
     # -- the generation step ----------------------------------------------------------------------------------
-    def take(self, inputs: list[dict], trainer) -> tuple[list[dict], dict]:
-        """The rows to train on now and their rollout output; ``inputs`` (TRL's rows) are kept for the next batch."""
+    def take(self, inputs: list[dict], trainer, oversample: bool = False) -> tuple[list[dict], dict]:
+        """The rows to train on now and their rollout output; ``inputs`` (TRL's rows) are kept for the next batch.
+
+        With ``oversample`` (dynamic sampling filters the batch) the next batch also samples extra groups from the
+        refill stream, as many as the last keep rate says the filter will drop, so that it rarely needs a refill
+        round sampled on-policy after it (at most ``max_oversample`` times the batch)."""
+        self.oversample = oversample
         step = trainer.state.global_step
         self.next_generation = step + self.interval
         if self.pending is None and self.reserve is None:   # the run's first generation: nothing sampled ahead
@@ -79,6 +88,10 @@ class Overlap:
     # -- background sampling ----------------------------------------------------------------------------------
     def _start(self, trainer) -> None:
         rows, self.reserve = self.reserve, None
+        if self.oversample and self.keep_rate is not None:
+            n = len(rows) // self.group_size
+            want = math.ceil(n / self.keep_rate) if self.keep_rate > 0 else math.inf
+            rows = rows + self._draw(min(want, math.ceil(n * self.max_oversample)) - n)
         launch = self.rollout._launch([r["prompt"] for r in rows], trainer)   # weights synced: nothing in flight
         backend = self.rollout.backend
         stream = _side_stream(backend)

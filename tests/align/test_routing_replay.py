@@ -57,8 +57,8 @@ def rollout_batch(engine_model):
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 96, (n,), generator=g).tolist() for n in (3, 7, 5)]
     records = run_groups(engine, [PromptGroup(i, p, seed=i) for i, p in enumerate(prompts)],
-                         Sampling(n=2, temperature=1.0, top_p=1.0, top_k=0, max_tokens=10, stop_token_ids=list(range(0, 96, 8)),
-                                  return_routing=True), worker="test")
+                         Sampling(n=2, temperature=1.0, top_p=1.0, top_k=0, max_tokens=10,
+                                  stop_token_ids=list(range(0, 96, 8)), return_routing=True), worker="test")
     rows = [(r, c) for r in records for c in r.completions]
     p_max = max(len(r.prompt_ids) for r, _ in rows)
     c_max = max(len(c.token_ids) for _, c in rows)
