@@ -178,3 +178,53 @@ def test_worker_killed_while_a_batch_samples_ahead_loses_nothing(tmp_path):
     finally:
         pool.shutdown()
         ray.shutdown()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"rollout": {"mode": "trl"}}, "needs rollout.mode ray or colocated"),
+    ({"trainer": {"vllm_importance_sampling_correction": False}}, "need trainer.vllm_importance_sampling_correction"),
+])
+def test_overlap_recipe_checks(tmp_path, micro_sft_dir, monkeypatch, change, message):
+    from align import recipe as recipes
+    from align.grpo import GRPORun
+
+    from .conftest import ROOT, micro_grpo, write_recipe
+
+    monkeypatch.chdir(ROOT)
+    raw = micro_grpo(tmp_path / "grpo", micro_sft_dir, mode="colocated")
+    raw["rollout"]["max_staleness"] = 1
+    for section, values in change.items():
+        raw[section].update(values)
+    with pytest.raises(recipes.RecipeError, match=rf"rollout\.max_staleness: .*{message}"):
+        GRPORun(recipes.load("grpo", write_recipe(tmp_path / "grpo.yaml", raw)))
+    raw["rollout"]["max_staleness"] = -1
+    with pytest.raises(recipes.RecipeError, match="max_staleness must be >= 0"):
+        recipes.load("grpo", write_recipe(tmp_path / "grpo.yaml", raw))
+
+
+@pytest.mark.slow
+def test_one_step_off_policy_grpo_on_the_ray_pool(tmp_path, micro_sft_dir):
+    import json
+
+    from .conftest import micro_grpo, run_align, write_recipe
+
+    out = tmp_path / "grpo"
+    raw = micro_grpo(out, micro_sft_dir, steps=4, mode="ray")
+    raw["rollout"]["max_staleness"] = 1
+    # The micro model earns no reward (no advantage, no gradient); decoupled weight decay still moves the policy
+    # between sampling and training, which is what the correction has to see.
+    raw["trainer"].update(learning_rate=1e-2, weight_decay=1.0)
+    run_align("grpo", "--config", write_recipe(tmp_path / "grpo.yaml", raw))
+    log = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
+    assert [(e["step"], e["policy_versions"], e["staleness"]) for e in log] == \
+        [(0, [0], {"0": 2}), (1, [0], {"1": 2}), (2, [1], {"1": 2}), (3, [2], {"1": 2})]
+    history = json.loads((out / "log_history.json").read_text())["log_history"]
+    steps = [h for h in history if "overlap/staleness_mean" in h]
+    assert [h["overlap/staleness_mean"] for h in steps] == [0.0, 1.0, 1.0, 1.0]
+    assert all(h["overlap/stale_dropped_groups"] == 0 for h in steps)
+    # On a batch one version old the trainer's log-probs differ from the behaviour ones, and TRL's truncated
+    # importance weights correct for it: not 1 everywhere, never above the cap.
+    assert steps[0]["sampling/sampling_logp_difference/max"] < 1e-3          # on-policy first batch (fp32)
+    assert all(h["sampling/sampling_logp_difference/max"] > 1e-3 for h in steps[1:])
+    assert all(h["sampling/importance_sampling_ratio/max"] <= 3.0 + 1e-6 for h in steps)
+    assert any(abs(h["sampling/importance_sampling_ratio/mean"] - 1.0) > 1e-4 for h in steps[1:])
