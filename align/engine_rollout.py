@@ -18,7 +18,10 @@ from align.expert_load import add_loads, expert_load
 from align.rollout import policy_state_dict
 from ray_jobs.records import PromptGroup, Sampling
 
+
 class Timers:
+    """Seconds spent per phase (generation, reward, sync) since the last ``pop``: one step's split."""
+
     def __init__(self):
         self.acc: dict[str, float] = {}
 
@@ -46,8 +49,7 @@ class EngineRollout:
     """GRPO's ``rollout_func``: groups of identical prompts in, one engine completion per row out.
 
     With dynamic sampling or overlap the batch is sampled before TRL asks (``prepare``), and the call returns that
-    output.
-    With ``keep_routing`` each row's routing record (prompt and completion) rides along under ``"routing"`` and is
+    output. With ``keep_routing`` each row's routing record (prompt and completion) rides along under ``"routing"`` and is
     taken off as the rows go to TRL: ``handed_routing`` holds it for the trainer's forwards over that batch.
     """
 
