@@ -68,6 +68,9 @@ class RolloutSection:
     dtype: Literal["float32", "bfloat16", "float16"] | None = dataclasses.field(
         default=None, metadata={"help": "engine dtype; default: the policy's (bf16 rollouts from fp32 masters work; "
                                         "keep importance-sampling correction on)"})
+    kv_dtype: Literal["auto", "fp8"] = dataclasses.field(
+        default="auto", metadata={"help": "engine latent cache: the engine's dtype, or fp8 (e4m3, a scale per "
+                                          "token: half the bytes; the torch decode path)"})
     max_staleness: int = dataclasses.field(
         default=0, metadata={"help": "0 = sample each batch with the current policy; k >= 1 = sample the next batch "
                                      "while the trainer steps, with weights up to k optimizer steps old (needs "
@@ -361,6 +364,8 @@ class GRPORun:
             opts["device"] = r.rollout.device
         if r.rollout.dtype:
             opts["dtype"] = DTYPES[r.rollout.dtype]
+        if r.rollout.kv_dtype != "auto":
+            opts["kv_dtype"] = r.rollout.kv_dtype
         if r.rollout.mode == "colocated":
             return ColocatedRollout(model, opts)
         from ray_jobs.pool import RolloutPool, init_ray

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .cache import BlockManager, LatentCache, kv_bytes_per_token
+from .cache import FP8, BlockManager, LatentCache, kv_bytes_per_token
 from .graphs import DecodeGraphs
 from .params import CompletionOutput, RequestOutput, SamplingParams
 from .runner import ModelRunner
@@ -50,7 +50,8 @@ class Engine:
     in bf16/fp16 with grouped experts; on CPU, True runs the same padded decode path without graphs),
     ``lookahead`` (with ``cuda_graphs``: queue each decode step before the host has read the one before, see
     ``_decode_ahead``; default on), ``cpu_threads`` (torch threads while decoding on CPU; default 1, None leaves
-    torch's setting).
+    torch's setting), ``kv_dtype`` ('auto': the engine's dtype; 'fp8': the latent cache in float8_e4m3 with a
+    scale per token, about half the bytes of bf16; runs the torch decode path, see cache.py).
     """
 
     def __init__(self, config, weights: ModelWeights, *, max_num_seqs: int = 64,
@@ -59,7 +60,7 @@ class Engine:
                  max_model_len: int | None = None, eos_token_id: int | list[int] | None = None, seed: int | None = 0,
                  use_tqdm: bool = True, prefill_attention: str = "expanded", moe_backend: str = "auto",
                  decode_kernels: str = "auto", cuda_graphs: bool | None = None, lookahead: bool = True,
-                 cpu_threads: int | None = 1):
+                 cpu_threads: int | None = 1, kv_dtype: str = "auto"):
         if max_num_seqs < 1 or max_num_batched_tokens < 1 or block_size < 1:
             raise ValueError("max_num_seqs, max_num_batched_tokens and block_size must be positive")
         self.config = config
@@ -78,7 +79,15 @@ class Engine:
         self._rng = torch.Generator()
         self._rng.manual_seed(int(torch.randint(2**62, ()).item()) if seed is None else seed)
 
-        per_token = kv_bytes_per_token(config, self.dtype)
+        if kv_dtype not in ("auto", "fp8"):
+            raise ValueError(f"kv_dtype must be 'auto' (the engine's dtype) or 'fp8', got {kv_dtype!r}")
+        cache_dtype = FP8 if kv_dtype == "fp8" else self.dtype
+        if kv_dtype == "fp8":
+            if decode_kernels == "triton":
+                raise ValueError("kv_dtype='fp8' runs on the torch decode path; the fused Triton kernels read a "
+                                 "bf16/fp32 cache (pass decode_kernels='torch' or 'auto')")
+            decode_kernels = "torch"
+        per_token = kv_bytes_per_token(config, cache_dtype)
         if num_blocks is None:
             if kv_cache_bytes is None:
                 # Never more than every sequence at full length could use.
@@ -94,7 +103,7 @@ class Engine:
             raise ValueError(f"the KV cache budget holds no block of {block_size} tokens ({per_token} B/token)")
         # One block more than the manager hands out: padded decode rows write there (see graphs.py).
         self.cache = LatentCache(config.num_hidden_layers, num_blocks + 1, block_size, config.kv_lora_rank,
-                                 config.qk_rope_head_dim, self.dtype, self.device)
+                                 config.qk_rope_head_dim, self.dtype, self.device, kv_dtype=cache_dtype)
         self.blocks = BlockManager(num_blocks, block_size)
         self.runner = ModelRunner(config, weights, self.cache, self.device, self.dtype, prefill_attention,
                                   moe_backend, decode_kernels)
@@ -157,7 +166,7 @@ class Engine:
         self.version = version if version is not None else (self.version or 0) + 1
 
     def kv_bytes_per_token(self) -> int:
-        return kv_bytes_per_token(self.config, self.cache.kv.dtype)
+        return kv_bytes_per_token(self.config, self.cache.kv_dtype)
 
     def reset_stats(self) -> None:
         self.stats = EngineStats()
