@@ -143,6 +143,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise errors[0]
         raise RecipeError(f"{where}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
+        if isinstance(value, bool):   # YAML 1.1 reads a bare off / on / no / yes as a bool
+            value = next((w for w in (("on", "yes", "true") if value else ("off", "no", "false"))
+                          if w in typing.get_args(tp)), value)
         if value not in typing.get_args(tp):
             raise RecipeError(f"{where}: expected one of {list(typing.get_args(tp))}, got {value!r}")
         return value

@@ -80,3 +80,11 @@ def test_sft_with_expert_balance_logs_the_term(tmp_path):
     run_align("sft", "--config", write_recipe(tmp_path / "sft.yaml", raw))
     values = _values(_history(out), "moe/expert_balance")
     assert values and all(v >= 0.99 for v in values)
+
+
+def test_bare_off_in_yaml_means_off(tmp_path, micro_sft_dir, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    path = write_recipe(tmp_path / "grpo.yaml", micro_grpo(tmp_path / "grpo", micro_sft_dir))
+    path.write_text(path.read_text() + "moe:\n  routing_replay: off\n")      # YAML 1.1 reads this as false
+    assert recipes.load("grpo", path).recipe.moe.routing_replay == "off"
+    assert recipes.load("grpo", path, ["moe.routing_replay=rollout"]).recipe.moe.routing_replay == "rollout"
