@@ -71,6 +71,10 @@ class RolloutSection:
     kv_dtype: Literal["auto", "fp8"] = dataclasses.field(
         default="auto", metadata={"help": "engine latent cache: the engine's dtype, or fp8 (e4m3, a scale per "
                                           "token: half the bytes; the torch decode path)"})
+    weight_dtype: Literal["auto", "fp8"] = dataclasses.field(
+        default="auto", metadata={"help": "engine projection weights: the engine's dtype, or fp8 (e4m3, 128x128 "
+                                          "block scales, quantised at every weight sync: about half the weight "
+                                          "memory; the torch path)"})
     max_staleness: int = dataclasses.field(
         default=0, metadata={"help": "0 = sample each batch with the current policy; k >= 1 = sample the next batch "
                                      "while the trainer steps, with weights up to k optimizer steps old (needs "
@@ -366,6 +370,8 @@ class GRPORun:
             opts["dtype"] = DTYPES[r.rollout.dtype]
         if r.rollout.kv_dtype != "auto":
             opts["kv_dtype"] = r.rollout.kv_dtype
+        if r.rollout.weight_dtype != "auto":
+            opts["weight_dtype"] = r.rollout.weight_dtype
         if r.rollout.mode == "colocated":
             return ColocatedRollout(model, opts)
         from ray_jobs.pool import RolloutPool, init_ray

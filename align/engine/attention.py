@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache import LatentCache
-from .ops import rms_norm
+from .ops import linear, rms_norm
 from .rope import Rotary
 from .weights import AttentionWeights
 
@@ -118,12 +118,12 @@ def mla_forward(a: AttentionWeights, x: torch.Tensor, batch: AttnBatch, cache: L
     n = x.shape[0]
     hn, dn, dr, r = shape.num_heads, shape.nope_dim, shape.rope_dim, shape.kv_lora_rank
     if a.q_proj is not None:
-        q = F.linear(x, a.q_proj)
+        q = linear(x, a.q_proj)
     else:
-        q = F.linear(rms_norm(F.linear(x, a.q_a_proj, a.q_a_bias), a.q_a_norm, LATENT_NORM_EPS), a.q_b_proj)
+        q = linear(rms_norm(linear(x, a.q_a_proj, a.q_a_bias), a.q_a_norm, LATENT_NORM_EPS), a.q_b_proj)
     q = q.view(n, hn, dn + dr)  # (N, Hn, Dq)
     q_nope, q_pe = q.split([dn, dr], dim=-1)
-    c_kv, k_pe = F.linear(x, a.kv_a_proj, a.kv_a_bias).split([r, dr], dim=-1)  # (N, R), (N, Dr)
+    c_kv, k_pe = linear(x, a.kv_a_proj, a.kv_a_bias).split([r, dr], dim=-1)  # (N, R), (N, Dr)
     c_kv = rms_norm(c_kv, a.kv_a_norm, LATENT_NORM_EPS)
     q_pe = Rotary.apply(q_pe, batch.freqs)
     k_pe = Rotary.apply(k_pe, batch.freqs)
@@ -133,7 +133,7 @@ def mla_forward(a: AttentionWeights, x: torch.Tensor, batch: AttnBatch, cache: L
         out = _absorbed(a, q_nope, q_pe, ctx, batch, shape)
     else:
         out = expanded_attention(a, q_nope, q_pe, ctx, batch, shape)
-    return F.linear(out, a.o_proj, a.o_bias)
+    return linear(out, a.o_proj, a.o_bias)
 
 
 def _absorbed(a, q_nope, q_pe, ctx, batch: AttnBatch, shape: MLAShape) -> torch.Tensor:

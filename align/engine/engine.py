@@ -51,7 +51,10 @@ class Engine:
     ``lookahead`` (with ``cuda_graphs``: queue each decode step before the host has read the one before, see
     ``_decode_ahead``; default on), ``cpu_threads`` (torch threads while decoding on CPU; default 1, None leaves
     torch's setting), ``kv_dtype`` ('auto': the engine's dtype; 'fp8': the latent cache in float8_e4m3 with a
-    scale per token, about half the bytes of bf16; runs the torch decode path, see cache.py).
+    scale per token, about half the bytes of bf16; runs the torch decode path, see cache.py). ``weight_dtype``
+    (``from_model`` / ``from_pretrained`` / ``from_config`` only; 'auto' or 'fp8': the attention and MLP / expert
+    projections in float8_e4m3 with 128 x 128 block scales, quantised on every load; torch path, see
+    fp8_weights.py).
     """
 
     def __init__(self, config, weights: ModelWeights, *, max_num_seqs: int = 64,
@@ -86,6 +89,11 @@ class Engine:
             if decode_kernels == "triton":
                 raise ValueError("kv_dtype='fp8' runs on the torch decode path; the fused Triton kernels read a "
                                  "bf16/fp32 cache (pass decode_kernels='torch' or 'auto')")
+            decode_kernels = "torch"
+        if weights.fp8:
+            if decode_kernels == "triton":
+                raise ValueError("FP8 weights run on the torch path; the fused Triton kernels read bf16/fp32 "
+                                 "weights (pass decode_kernels='torch' or 'auto')")
             decode_kernels = "torch"
         per_token = kv_bytes_per_token(config, cache_dtype)
         if num_blocks is None:
@@ -125,12 +133,13 @@ class Engine:
 
     # -- construction -------------------------------------------------------------------------------------------
     @classmethod
-    def from_model(cls, hf_model, device=None, dtype: torch.dtype | None = None, **opts) -> Engine:
+    def from_model(cls, hf_model, device=None, dtype: torch.dtype | None = None, weight_dtype: str = "auto",
+                   **opts) -> Engine:
         """Copy the weights of a transformers ``DeepseekV2ForCausalLM`` (the model itself is left untouched)."""
         config = hf_model.config
         embed = hf_model.get_input_embeddings().weight
         device = torch.device(device) if device is not None else embed.device
-        weights = ModelWeights.allocate(config, device, dtype or embed.dtype)
+        weights = ModelWeights.allocate(config, device, dtype or embed.dtype, weight_dtype)
         weights.load_(hf_model.state_dict())
         gen = getattr(hf_model, "generation_config", None)
         if "eos_token_id" not in opts and gen is not None and gen.eos_token_id is not None:
@@ -154,9 +163,10 @@ class Engine:
         return engine
 
     @classmethod
-    def from_config(cls, config, device="meta", dtype: torch.dtype = torch.bfloat16, **opts) -> Engine:
+    def from_config(cls, config, device="meta", dtype: torch.dtype = torch.bfloat16, weight_dtype: str = "auto",
+                    **opts) -> Engine:
         """An engine with uninitialised weights; on the meta device it sizes a model without allocating it."""
-        return cls(config, ModelWeights.allocate(config, torch.device(device), dtype), **opts)
+        return cls(config, ModelWeights.allocate(config, torch.device(device), dtype, weight_dtype), **opts)
 
     # -- weights ------------------------------------------------------------------------------------------------
     def load_weights(self, state_dict: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .fp8_weights import Fp8Weight
 from .ops import dense_mlp
 from .weights import MoEWeights
 
@@ -123,10 +124,11 @@ def pick_backend(backend: str, config, device: torch.device, dtype: torch.dtype)
 def moe_forward(w: MoEWeights, x: torch.Tensor, r: Routing, act, backend: str, fused: bool = False):
     """(N, H) -> (N, H) output and (N, k) routed expert ids; ``fused``: see ``experts_grouped``."""
     weights, idx = route(x, w.router, r)
+    gate_up, down = (m.dequant(x.dtype) if isinstance(m, Fp8Weight) else m for m in (w.gate_up, w.down))
     if backend == "grouped":
-        out = experts_grouped(x, idx, weights, w.gate_up, w.down, act, fused)
+        out = experts_grouped(x, idx, weights, gate_up, down, act, fused)
     else:
-        out = experts_loop(x, idx, weights, w.gate_up, w.down, act)
+        out = experts_loop(x, idx, weights, gate_up, down, act)
     if w.shared is not None:
         out = out + dense_mlp(x, w.shared, act)
     return out, idx

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .weights import DenseMLPWeights
+from .fp8_weights import Fp8Weight
+from .weights import DenseMLPWeights, Weight
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -20,7 +21,12 @@ def activation(name: str):
     return ACT2FN[name]
 
 
+def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear for a plain or an FP8 weight (dequantised to x's dtype where it is used): (N, C) -> (N, R)."""
+    return F.linear(x, w.dequant(x.dtype) if isinstance(w, Fp8Weight) else w, bias)
+
+
 def dense_mlp(x: torch.Tensor, w: DenseMLPWeights, act) -> torch.Tensor:
     """down(act(gate(x)) * up(x)) with gate and up in one matmul: (N, H) -> (N, H)."""
-    gate, up = F.linear(x, w.gate_up, w.gate_up_bias).chunk(2, dim=-1)  # (N, I) each
-    return F.linear(act(gate) * up, w.down, w.down_bias)
+    gate, up = linear(x, w.gate_up, w.gate_up_bias).chunk(2, dim=-1)  # (N, I) each
+    return linear(act(gate) * up, w.down, w.down_bias)

@@ -15,11 +15,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .fp8_weights import Fp8Weight
+
+Weight = torch.Tensor | Fp8Weight  # a projection: a plain tensor, or FP8 with block scales
+
 
 @dataclass
 class DenseMLPWeights:
-    gate_up: torch.Tensor  # (2I, H): gate rows first, then up rows
-    down: torch.Tensor  # (H, I)
+    gate_up: Weight  # (2I, H): gate rows first, then up rows
+    down: Weight  # (H, I)
     gate_up_bias: torch.Tensor | None = None  # (2I,)
     down_bias: torch.Tensor | None = None  # (H,)
 
@@ -27,29 +31,29 @@ class DenseMLPWeights:
 @dataclass
 class MoEWeights:
     router: torch.Tensor  # (E, H), always fp32: the reference routes in fp32
-    gate_up: torch.Tensor  # (E, 2I, H)
-    down: torch.Tensor  # (E, H, I)
+    gate_up: Weight  # (E, 2I, H)
+    down: Weight  # (E, H, I)
     shared: DenseMLPWeights | None  # shared experts, one MLP of width n_shared * I
 
 
 @dataclass
 class AttentionWeights:
-    q_proj: torch.Tensor | None  # (Hn*Dq, H) when q_lora_rank is None
-    q_a_proj: torch.Tensor | None  # (Rq, H)
+    q_proj: Weight | None  # (Hn*Dq, H) when q_lora_rank is None
+    q_a_proj: Weight | None  # (Rq, H)
     q_a_bias: torch.Tensor | None
     q_a_norm: torch.Tensor | None  # (Rq,)
-    q_b_proj: torch.Tensor | None  # (Hn*Dq, Rq)
-    kv_a_proj: torch.Tensor  # (R + Dr, H): latent then shared rope key
+    q_b_proj: Weight | None  # (Hn*Dq, Rq)
+    kv_a_proj: Weight  # (R + Dr, H): latent then shared rope key
     kv_a_bias: torch.Tensor | None
     kv_a_norm: torch.Tensor  # (R,)
     kv_b_proj: torch.Tensor  # (Hn*(Dn+Dv), R): per head, Dn key rows then Dv value rows
-    o_proj: torch.Tensor  # (H, Hn*Dv)
+    o_proj: Weight  # (H, Hn*Dv)
     o_bias: torch.Tensor | None
     w_uk: torch.Tensor  # (Hn, Dn, R), derived from kv_b_proj
     w_uv_t: torch.Tensor  # (Hn, R, Dv), derived from kv_b_proj
     # The two projections of x, stacked so a decode step makes one matmul: [q_proj | kv_a_proj] (or
     # [q_a_proj | kv_a_proj]) as rows of one (Q + R + Dr, H) matrix whose row slices are those tensors.
-    x_proj: torch.Tensor | None = None
+    x_proj: Weight | None = None
     x_proj_bias: torch.Tensor | None = None  # (Q + R + Dr,) when both parts have biases
 
 
@@ -71,12 +75,21 @@ class ModelWeights:
 
     # -- construction -------------------------------------------------------------------------------------------
     @classmethod
-    def allocate(cls, config, device, dtype: torch.dtype) -> ModelWeights:
-        """Uninitialised tensors for ``config``; use ``device='meta'`` to size a model without memory."""
+    def allocate(cls, config, device, dtype: torch.dtype, weight_dtype: str = "auto") -> ModelWeights:
+        """Uninitialised tensors for ``config``; use ``device='meta'`` to size a model without memory.
+
+        ``weight_dtype='fp8'``: the attention and MLP / expert projections as ``Fp8Weight`` (128 x 128 block
+        scales, see fp8_weights.py); embeddings, norms, router, kv_b_proj and the head stay in ``dtype``.
+        """
+        if weight_dtype not in ("auto", "fp8"):
+            raise ValueError(f"weight_dtype must be 'auto' (the engine's dtype) or 'fp8', got {weight_dtype!r}")
         c = config
 
         def t(*shape, dt=dtype):
             return torch.empty(*shape, device=device, dtype=dt)
+
+        def w(*shape):  # a projection matrix (or stack)
+            return Fp8Weight.empty(*shape, device=device) if weight_dtype == "fp8" else t(*shape)
 
         hn, dn, dr, dv, r = (c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim,
                              c.kv_lora_rank)
@@ -85,7 +98,7 @@ class ModelWeights:
 
         def mlp(width):
             mb = bool(getattr(c, "mlp_bias", False))
-            return DenseMLPWeights(t(2 * width, h), t(h, width), t(2 * width) if mb else None, t(h) if mb else None)
+            return DenseMLPWeights(w(2 * width, h), w(h, width), t(2 * width) if mb else None, t(h) if mb else None)
 
         layers = []
         for i in range(c.num_hidden_layers):
@@ -93,24 +106,24 @@ class ModelWeights:
             q_rows = hn * dq if q_lora is None else q_lora
             # q_proj has no bias, so with attention_bias only the LoRA form ([q_a | kv_a], both biased) stacks.
             stacked = q_lora is not None or not ab
-            x_proj = t(q_rows + r + dr, h) if stacked else None
+            x_proj = w(q_rows + r + dr, h) if stacked else None
             x_bias = t(q_rows + r + dr) if stacked and ab else None
-            q_part = x_proj[:q_rows] if stacked else t(q_rows, h)
+            q_part = x_proj[:q_rows] if stacked else w(q_rows, h)
             attn = AttentionWeights(
                 q_proj=q_part if q_lora is None else None,
                 q_a_proj=q_part if q_lora is not None else None,
                 q_a_bias=x_bias[:q_lora] if x_bias is not None else (t(q_lora) if q_lora is not None and ab else None),
                 q_a_norm=t(q_lora) if q_lora is not None else None,
-                q_b_proj=t(hn * dq, q_lora) if q_lora is not None else None,
-                kv_a_proj=x_proj[q_rows:] if stacked else t(r + dr, h),
+                q_b_proj=w(hn * dq, q_lora) if q_lora is not None else None,
+                kv_a_proj=x_proj[q_rows:] if stacked else w(r + dr, h),
                 kv_a_bias=x_bias[q_rows:] if x_bias is not None else (t(r + dr) if ab else None), kv_a_norm=t(r),
-                kv_b_proj=t(hn * (dn + dv), r), o_proj=t(h, hn * dv), o_bias=t(h) if ab else None,
+                kv_b_proj=t(hn * (dn + dv), r), o_proj=w(h, hn * dv), o_bias=t(h) if ab else None,
                 w_uk=t(hn, dn, r), w_uv_t=t(hn, r, dv), x_proj=x_proj, x_proj_bias=x_bias,
             )
             if i >= c.first_k_dense_replace:
                 e, im = c.n_routed_experts, c.moe_intermediate_size
                 n_shared = c.n_shared_experts or 0
-                ffn = MoEWeights(router=t(e, h, dt=torch.float32), gate_up=t(e, 2 * im, h), down=t(e, h, im),
+                ffn = MoEWeights(router=t(e, h, dt=torch.float32), gate_up=w(e, 2 * im, h), down=w(e, h, im),
                                  shared=mlp(im * n_shared) if n_shared > 0 else None)
             else:
                 ffn = mlp(c.intermediate_size)
@@ -192,11 +205,16 @@ class ModelWeights:
     def num_bytes(self) -> int:
         seen, total = set(), 0
         for t in self.targets().values():
-            base = t._base if t._base is not None else t
-            if id(base) not in seen:
-                seen.add(id(base))
-                total += base.numel() * base.element_size()
+            for base in t.bases() if isinstance(t, Fp8Weight) else [t._base if t._base is not None else t]:
+                if id(base) not in seen:
+                    seen.add(id(base))
+                    total += base.numel() * base.element_size()
         return total
+
+    @property
+    def fp8(self) -> bool:
+        """Whether the projections are held as FP8 (``allocate(..., weight_dtype='fp8')``)."""
+        return isinstance(self.layers[0].attn.o_proj, Fp8Weight) if self.layers else False
 
 
 def _mlp_targets(prefix: str, mlp: DenseMLPWeights) -> dict[str, torch.Tensor]:
