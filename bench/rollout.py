@@ -56,6 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--hf-max-batch", type=int, default=128, help="run transformers only up to this batch")
     p.add_argument("--repeats", type=int, default=1, help="timed engine runs per batch; the median is reported")
     p.add_argument("--decode-kernels", default="auto", choices=["auto", "triton", "torch"])
+    p.add_argument("--kv-dtype", default="auto", choices=["auto", "fp8"], help="engine latent cache")
+    p.add_argument("--weight-dtype", default="auto", choices=["auto", "fp8"], help="engine projection weights")
     p.add_argument("--compare-lookahead", action="store_true",
                    help="also time the engine with its decode look-ahead off (same engine, same prompts)")
     p.add_argument("--grpo", action="store_true", help="also run the GRPO-shaped case (engine only)")
@@ -211,7 +213,8 @@ def main(argv=None):
                                max_num_batched_tokens=max(max(args.batches) * args.prompt_len,
                                                           args.grpo_prompts * args.grpo_prompt_len),
                                max_model_len=longest + args.block_size, block_size=args.block_size,
-                               use_tqdm=False, seed=args.seed, decode_kernels=args.decode_kernels)
+                               use_tqdm=False, seed=args.seed, decode_kernels=args.decode_kernels,
+                               kv_dtype=args.kv_dtype, weight_dtype=args.weight_dtype)
     lookahead = engine.lookahead  # what the engine chose; --compare-lookahead switches it off for some runs
     g = torch.Generator().manual_seed(args.seed)
     header = ["impl", "batch", "prompt", "new", "time s", "tokens/s", "engine speedup"]
