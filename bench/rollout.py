@@ -135,8 +135,9 @@ def step_weight_bytes(config, engine: Engine, batch: int) -> float:
     """Weights one decode step of ``batch`` sequences reads at least, under uniform routing."""
     w = engine.weights
     item = engine.dtype.itemsize
+    per_weight = 1 + 4 / 128 if w.fp8 else item  # FP8 projections: a byte plus a per-row block scale per 128
     e, k = config.n_routed_experts, config.num_experts_per_tok
-    expert = 3 * config.hidden_size * config.moe_intermediate_size * item
+    expert = 3 * config.hidden_size * config.moe_intermediate_size * per_weight
     n_moe = sum(hasattr(layer.mlp, "router") for layer in w.layers)
     routed_all = n_moe * e * expert
     dense = w.num_bytes() - routed_all - w.embed.numel() * item * (0 if w.tied else 1)  # embedding: a row each

@@ -6,6 +6,7 @@ Two layout changes from the reference:
   * dense / shared MLPs keep gate and up stacked in one (2I, H) matrix: one matmul instead of two;
   * ``kv_b_proj`` is additionally split per head into W_UK (H, Dn, R) and W_UV^T (H, R, Dv), the matrices the
     absorbed attention multiplies the query and the latent output by. They are re-derived on every load.
+With ``weight_dtype='fp8'`` the projections are ``Fp8Weight``s, quantised as they are loaded (fp8_weights.py).
 """
 
 from __future__ import annotations
