@@ -96,5 +96,6 @@ def main(argv=None) -> None:
         print(f"| {name} | {nbytes} | {wbytes / 2**20:.1f} | {c['positions_agree']:.3f} | {c['shared_prefix']:.3f} | "
               f"{c['gap_mean']:.4f} / {c['gap_max']:.3f} |")
 
+
 if __name__ == "__main__":
     main()

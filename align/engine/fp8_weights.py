@@ -40,7 +40,7 @@ def quantize_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dequantize_blocks(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Inverse of ``quantize_blocks``: (..., R, C) values and block scales -> (..., R, C) in ``dtype``."""
-    return _dequant_rows(q, scale.repeat_interleave(BLOCK, dim=-2)[..., :q.shape[-2], :], dtype)
+    return _dequant_rows(q, _block_rows(scale, q.shape[-2]), dtype)
 
 
 class Fp8Weight:
@@ -80,14 +80,12 @@ class Fp8Weight:
         """Quantise ``value`` (the same shape) on its own 128 x 128 block grid into this weight, in place."""
         if tuple(value.shape) != tuple(self.shape):
             raise ValueError(f"Fp8Weight.copy_: shape {tuple(value.shape)}, expected {tuple(self.shape)}")
-        value = value.to(self.device)
-        parts = range(0, value.shape[0], _CHUNK) if value.dim() == 3 else [None]
-        for i in parts:
-            src = value if i is None else value[i:i + _CHUNK]
-            q, scale = quantize_blocks(src)
-            rows = scale.repeat_interleave(BLOCK, dim=-2)[..., :src.shape[-2], :]  # (..., R, C/128)
-            (self.data if i is None else self.data[i:i + _CHUNK]).copy_(q)
-            (self.scale if i is None else self.scale[i:i + _CHUNK]).copy_(rows)
+        # A 2-D matrix is a stack of one; a stack is quantised a few experts at a time.
+        value, data, scale = (t if t.dim() == 3 else t[None] for t in (value.to(self.device), self.data, self.scale))
+        for i in range(0, value.shape[0], _CHUNK):
+            q, blocks = quantize_blocks(value[i:i + _CHUNK])
+            data[i:i + _CHUNK].copy_(q)
+            scale[i:i + _CHUNK].copy_(_block_rows(blocks, value.shape[-2]))
         return self
 
     def dequant(self, dtype: torch.dtype) -> torch.Tensor:
@@ -102,6 +100,16 @@ class Fp8Weight:
     def bases(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The storage this weight views (for counting bytes once across stacked parts)."""
         return tuple(t._base if t._base is not None else t for t in (self.data, self.scale))
+
+
+def plain(w: torch.Tensor | Fp8Weight, dtype: torch.dtype) -> torch.Tensor:
+    """A weight as a plain tensor: an ``Fp8Weight`` dequantised to ``dtype``, any other tensor as it is."""
+    return w.dequant(dtype) if isinstance(w, Fp8Weight) else w
+
+
+def _block_rows(scale: torch.Tensor, rows: int) -> torch.Tensor:
+    """(..., ceil(R/128), ceil(C/128)) block scales -> (..., R, ceil(C/128)): each row's copy of its blocks' scales."""
+    return scale.repeat_interleave(BLOCK, dim=-2)[..., :rows, :]
 
 
 def _dequant_rows(q: torch.Tensor, row_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

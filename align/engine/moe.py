@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .fp8_weights import Fp8Weight
+from .fp8_weights import plain
 from .ops import dense_mlp
 from .weights import MoEWeights
 
@@ -124,7 +124,7 @@ def pick_backend(backend: str, config, device: torch.device, dtype: torch.dtype)
 def moe_forward(w: MoEWeights, x: torch.Tensor, r: Routing, act, backend: str, fused: bool = False):
     """(N, H) -> (N, H) output and (N, k) routed expert ids; ``fused``: see ``experts_grouped``."""
     weights, idx = route(x, w.router, r)
-    gate_up, down = (m.dequant(x.dtype) if isinstance(m, Fp8Weight) else m for m in (w.gate_up, w.down))
+    gate_up, down = plain(w.gate_up, x.dtype), plain(w.down, x.dtype)
     if backend == "grouped":
         out = experts_grouped(x, idx, weights, gate_up, down, act, fused)
     else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .fp8_weights import Fp8Weight
+from .fp8_weights import plain
 from .weights import DenseMLPWeights, Weight
 
 
@@ -23,7 +23,7 @@ def activation(name: str):
 
 def linear(x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear for a plain or an FP8 weight (dequantised to x's dtype where it is used): (N, C) -> (N, R)."""
-    return F.linear(x, w.dequant(x.dtype) if isinstance(w, Fp8Weight) else w, bias)
+    return F.linear(x, plain(w, x.dtype), bias)
 
 
 def dense_mlp(x: torch.Tensor, w: DenseMLPWeights, act) -> torch.Tensor:
