@@ -26,6 +26,7 @@ from align.data import DataError
 from align.dynamic_sampling import DynamicSamplingSection, GroupFilter, RewardMemo
 from align.engine_rollout import EngineRollout, Timers, timed_reward
 from align.expert_load import health_metrics
+from align.grad_guard import GradGuard, GradGuardSection
 from align.overlap import Overlap
 from align.grpo_prompts import GRPOData, PromptSource
 from align.metrics import heldout_footing, heldout_math, write_metrics
@@ -103,6 +104,7 @@ class GRPORecipe:
     dynamic_sampling: DynamicSamplingSection = dataclasses.field(default_factory=DynamicSamplingSection)
     curves: CurvesSection = dataclasses.field(default_factory=CurvesSection)
     moe: MoERLSection = dataclasses.field(default_factory=MoERLSection)
+    grad_guard: GradGuardSection = dataclasses.field(default_factory=GradGuardSection)
     ray: RaySection = dataclasses.field(default_factory=RaySection)
     trainer: dict = dataclasses.field(default_factory=dict, metadata={"help": "passed to trl.GRPOConfig"})
     peft: PeftSection | None = None
@@ -308,6 +310,8 @@ class GRPORun:
         ref = weakref.ref(self.trainer)
         self.trainer.add_callback(StepMetrics(ref, self.rollout, self.timers, r.rollout.min_load_entropy, moe))
         self.trainer.add_callback(LearningCurves(ref, r.curves, r.eval, self.tokenizer, r.seed, self.out))
+        self.trainer.add_callback(GradGuard(r.grad_guard, self.out, on_step=lambda skipped: ref()._metrics["train"][
+            "grad/skipped"].append(float(skipped))))
 
     def _prompts_needed(self) -> int | None:
         """Unique prompts a run consumes when each step's come fresh (None when the run is sized in epochs)."""

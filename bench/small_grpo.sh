@@ -40,6 +40,10 @@ for s in $SEEDS; do
   python3 - "$d" >> "$O/summary.txt" <<'PY'
 import json, sys, pathlib
 d = pathlib.Path(sys.argv[1])
+bad = d / "nonfinite_grads.jsonl"
+if bad.exists():
+    lines = bad.read_text().splitlines()
+    print(d.name, f"{len(lines)} optimizer steps skipped (non-finite gradients); first: {lines[0][:600]}")
 if not (d / "metrics.json").exists():
     print(d.name, "no metrics.json"); sys.exit()
 m = json.loads((d / "metrics.json").read_text())
