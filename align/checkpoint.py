@@ -26,8 +26,13 @@ def load_base(model_section: dict, tokenizer, seed: int, dtype: torch.dtype):
     from align.model import build_model
 
     if model_section.get("path"):
-        return load_trained(model_section["path"], dtype)
-    return build_model(model_section["preset"], None, tokenizer, dtype, seed, model_section.get("overrides") or {})
+        model = load_trained(model_section["path"], dtype)
+    else:
+        model = build_model(model_section["preset"], None, tokenizer, dtype, seed,
+                            model_section.get("overrides") or {})
+    if model_section.get("experts_implementation"):
+        model.set_experts_implementation(model_section["experts_implementation"])
+    return model
 
 
 def load_trained(path: str | Path, dtype: torch.dtype = torch.float32):

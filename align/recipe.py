@@ -47,6 +47,9 @@ class ModelSection:
         default="float32", metadata={"help": "dtype the weights are loaded/built in"})
     overrides: dict = dataclasses.field(
         default_factory=dict, metadata={"help": "DeepseekV2Config fields that replace the preset's"})
+    experts_implementation: Literal["eager", "grouped_mm", "batched_mm"] | None = dataclasses.field(
+        default=None, metadata={"help": "how the trainer runs the routed experts (transformers' kernels); "
+                                        "None = transformers' default, grouped_mm where the device has it"})
 
 
 @dataclasses.dataclass
