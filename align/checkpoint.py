@@ -32,6 +32,8 @@ def load_base(model_section: dict, tokenizer, seed: int, dtype: torch.dtype):
                             model_section.get("overrides") or {})
     if model_section.get("experts_implementation"):
         model.set_experts_implementation(model_section["experts_implementation"])
+    # Process-wide: the stage trains this model in this process (the rollout engine has its own kernels).
+    torch.backends.cuda.enable_cudnn_sdp(bool(model_section.get("cudnn_attention", False)))
     return model
 
 

@@ -50,6 +50,12 @@ class ModelSection:
     experts_implementation: Literal["eager", "grouped_mm", "batched_mm"] | None = dataclasses.field(
         default=None, metadata={"help": "how the trainer runs the routed experts (transformers' kernels); "
                                         "None = transformers' default, grouped_mm where the device has it"})
+    cudnn_attention: bool = dataclasses.field(
+        default=False, metadata={"help": "let PyTorch's SDPA use cuDNN's attention kernels on CUDA while this model "
+                                         "trains. Off by default: on H100/H200 with torch 2.11-2.13 their backward "
+                                         "returns NaN grad_q when a padding mask is passed and the padded length is "
+                                         "64 mod 128 (pytorch#196678); the memory-efficient kernel takes over (flash "
+                                         "needs equal q and v head dims, which MLA does not have)"})
 
 
 @dataclasses.dataclass

@@ -1,4 +1,5 @@
-"""model.experts_implementation: the recipe key reaches the model, every kernel gives the same logits, bad names fail."""
+"""The trainer's kernel choices from the recipe: model.experts_implementation (every kernel gives the same logits,
+bad names fail) and model.cudnn_attention (SDPA's cuDNN backend off unless asked for)."""
 
 import pytest
 import torch
@@ -15,8 +16,8 @@ def tok():
     return load_tokenizer(ROOT / "data/tokenizer")
 
 
-def micro_model(tok, impl):
-    section = {"preset": "tiny", "overrides": dict(MICRO_MODEL), "experts_implementation": impl}
+def micro_model(tok, impl=None, **section):
+    section = {"preset": "tiny", "overrides": dict(MICRO_MODEL), "experts_implementation": impl, **section}
     return load_base(section, tok, seed=0, dtype=torch.float32)
 
 
@@ -39,3 +40,16 @@ def test_unknown_kernel_is_refused_when_the_recipe_loads(tmp_path, monkeypatch):
     raw["model"]["experts_implementation"] = "magic"
     with pytest.raises(recipe.RecipeError, match=r"model\.experts_implementation: expected one of"):
         recipe.load("sft", write_recipe(tmp_path / "sft.yaml", raw))
+
+
+def test_cudnn_attention_is_off_unless_the_recipe_asks_for_it(tok):
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)       # torch's default
+        micro_model(tok)                                  # a section without the key (an older lock) turns it off
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        micro_model(tok, cudnn_attention=True)
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        micro_model(tok, cudnn_attention=False)
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)
