@@ -24,6 +24,7 @@ from typing import Any, Literal
 import yaml
 
 from align.expert_balance import MoESection
+from align.grad_guard import GradGuardSection
 
 LOCK_NAME = "recipe.lock.yaml"
 LOCKED_PACKAGES = ("torch", "transformers", "trl", "accelerate", "peft", "datasets", "ray", "align")
@@ -106,6 +107,7 @@ class SFTRecipe:
     trainer: dict = dataclasses.field(default_factory=dict, metadata={"help": "passed to trl.SFTConfig"})
     peft: PeftSection | None = None
     moe: MoESection = dataclasses.field(default_factory=MoESection)
+    grad_guard: GradGuardSection = dataclasses.field(default_factory=GradGuardSection)
 
 
 STAGES: dict[str, type] = {"sft": SFTRecipe}

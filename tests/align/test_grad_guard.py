@@ -91,3 +91,28 @@ def test_too_many_skips_in_a_row_stop_the_run(tmp_path):
 def test_bad_section_is_refused():
     with pytest.raises(ValueError, match="max_consecutive"):
         GradGuardSection(max_consecutive=0)
+
+
+def test_the_sft_stage_skips_and_logs_a_nonfinite_step(tmp_path, monkeypatch):
+    from align import recipe
+    from align.sft import SFTRun
+
+    from .conftest import ROOT, micro_sft, write_recipe
+
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "sft"
+    run = SFTRun(recipe.load("sft", write_recipe(tmp_path / "sft.yaml", micro_sft(out, steps=4))))
+    run.setup()
+    calls = {"n": 0}
+
+    def poison(grad):                      # one micro-batch per step: the second step's backward writes a NaN
+        calls["n"] += 1
+        return grad * float("nan") if calls["n"] == 2 else grad
+
+    dict(run.trainer.model.named_parameters())[EXPERTS].register_hook(poison)
+    run.train()
+    (line,) = (out / "nonfinite_grads.jsonl").read_text().splitlines()
+    assert json.loads(line)["step"] == 2
+    logged = [h["grad/skipped"] for h in run.trainer.state.log_history if "grad/skipped" in h]
+    assert logged == [0.5, 0.0]            # logging_steps 2: steps 1-2 (one skipped), steps 3-4
+    assert all(torch.isfinite(p).all() for p in run.trainer.model.parameters())
