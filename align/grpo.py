@@ -71,7 +71,7 @@ class RolloutSection:
                                         "keep importance-sampling correction on)"})
     kv_dtype: Literal["auto", "fp8"] = dataclasses.field(
         default="auto", metadata={"help": "engine latent cache: the engine's dtype, or fp8 (e4m3, a scale per "
-                                          "token: half the bytes; the torch decode path)"})
+                                          "token: half the bytes; read by the fused kernels on CUDA)"})
     weight_dtype: Literal["auto", "fp8"] = dataclasses.field(
         default="auto", metadata={"help": "engine projection weights: the engine's dtype, or fp8 (e4m3, 128x128 "
                                           "block scales, quantised at every weight sync: about half the weight "

@@ -101,18 +101,19 @@ class FusedDecoder:
         if a.q_proj is None:
             q = F.linear(rms_norm(q, a.q_a_norm, LATENT_NORM_EPS), a.q_b_proj)
         q = q.view(n, hn, dn + s.rope_dim)  # (B, Hn, Dq)
-        entries = self.cache.kv[layer].view(-1, self.cache.kv.shape[-1])  # (slots, R+Dr)
+        entries = self.cache.kv[layer].view(-1, self.cache.kv.shape[-1])  # (slots, R+Dr), FP8 bytes or dtype
+        scales = self.cache.scale[layer].view(-1) if self.cache.fp8 else None  # (slots,) FP8 entries' scales
         decode = batch.context_lens is not None and batch.query_len == 1
         # Decode also gets the absorbed query (Hn, B, R); a prefill's q has its rope applied, the cache written.
         q_lat = self.mla.mla_prep(kv, q, a.kv_a_norm, rope, batch.slots, entries, LATENT_NORM_EPS, dn,
-                                  a.w_uk if decode else None)
+                                  a.w_uk if decode else None, kv_scale=scales)
         if not decode:
             ctx = self.cache.gather(layer, batch.block_tables, batch.context_len)  # (B, L, R+Dr)
             out = expanded_attention(a, q[..., :dn], q[..., dn:], ctx, batch, s)  # (N, Hn*Dv)
         else:
             out = self.mla.mla_decode(q_lat, q, entries, batch.block_tables, batch.context_lens,
                                       self.cache.block_size, batch.context_len, s.scale, dn, self.num_sms,
-                                      a.w_uv_t)  # (B, Hn*Dv)
+                                      a.w_uv_t, kv_scale=scales)  # (B, Hn*Dv)
         return F.linear(out, a.o_proj, a.o_bias)
 
     def _moe(self, m: MoEWeights, x: torch.Tensor, logits: torch.Tensor, h: torch.Tensor, next_norm: torch.Tensor):

@@ -1,10 +1,12 @@
 """Triton kernels for absorbed-MLA decode over the paged latent cache (CUDA only).
 
   prep     per (block of new tokens, head): RMSNorm of c_kv and rope of k_pe, written straight into the tokens'
-           cache slots (head 0), the rope of the head's q_pe, in place, and for decode the absorbed query
-           q_lat = q_nope W_UK, one chunk of latent columns per program (no separate batched matmul)
+           cache slots (head 0; an FP8 cache gets the entry divided by its scale, amax / 448, and the scale),
+           the rope of the head's q_pe, in place, and for decode the absorbed query q_lat = q_nope W_UK, one
+           chunk of latent columns per program (no separate batched matmul)
   decode   per (sequence, split of its context): the absorbed query of all heads, [q_lat | q_pe] (Hn, R+Dr),
-           against the sequence's cached [c_kv | k_pe] entries read through its block table; online softmax;
+           against the sequence's cached [c_kv | k_pe] entries read through its block table (FP8 entries
+           times their scale, rounded to the compute dtype, as LatentCache.gather does); online softmax;
            the output stays in latent space (Hn, R). Splitting the context gives short batches enough programs
   reduce   per (block of sequences, head, value columns): merge the splits by their log-sum-exp into out_lat,
            round it, and multiply by the head's W_UV, writing (B, Hn*Dv) as o_proj reads it
@@ -21,24 +23,26 @@ import triton.language as tl
 
 
 @triton.jit
-def _prep_kernel(kv_ptr, q_ptr, norm_w_ptr, rope_ptr, slots_ptr, cache_ptr, w_uk_ptr, q_lat_ptr, eps, n_tokens,
-                 stride_kv, stride_qn, stride_qh, stride_cache, stride_wh, stride_wd, stride_lh, stride_ln,
+def _prep_kernel(kv_ptr, q_ptr, norm_w_ptr, rope_ptr, slots_ptr, cache_ptr, scale_ptr, w_uk_ptr, q_lat_ptr, eps,
+                 n_tokens, stride_kv, stride_qn, stride_qh, stride_cache, stride_wh, stride_wd, stride_lh, stride_ln,
                  R: tl.constexpr, DN: tl.constexpr, DR: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
                  BLOCK_HALF: tl.constexpr, BLOCK_DN: tl.constexpr, BLOCK_RC: tl.constexpr, Q_LAT: tl.constexpr,
-                 PREC: tl.constexpr):
-    """Programs (token block, head, latent column chunk)."""
+                 FP8: tl.constexpr, PREC: tl.constexpr):
+    """Programs (token block, head, latent column chunk). FP8: the cache holds float8_e4m3 bytes (uint8) and
+    scale_ptr one float32 scale per slot."""
     h = tl.program_id(1)
     rc = tl.program_id(2)
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     tm = t < n_tokens
-    dt = cache_ptr.dtype.element_ty
+    dt = q_ptr.dtype.element_ty  # the compute dtype (a bf16/fp32 cache has it too)
     # Rope on adjacent pairs (x0, x1) as complex numbers; rope_ptr holds (cos, sin) * attention_scaling pairs.
     j = tl.arange(0, BLOCK_HALF)
     pm = tm[:, None] & (j < DR // 2)[None, :]
     fr = tl.load(rope_ptr + t[:, None] * DR + 2 * j[None, :], mask=pm, other=0.0)  # (T, Dr/2)
     fi = tl.load(rope_ptr + t[:, None] * DR + 2 * j[None, :] + 1, mask=pm, other=0.0)
     if (h == 0) & (rc == 0):  # the tokens' cache entries
-        row = cache_ptr + tl.load(slots_ptr + t, mask=tm, other=0).to(tl.int64)[:, None] * stride_cache  # (T, 1)
+        slot = tl.load(slots_ptr + t, mask=tm, other=0).to(tl.int64)  # (T,)
+        row = cache_ptr + slot[:, None] * stride_cache  # (T, 1)
         kv_row = kv_ptr + t[:, None] * stride_kv
         # c_kv: RMSNorm in fp32, round, times the weight, round (as ops.rms_norm).
         r = tl.arange(0, BLOCK_R)
@@ -47,11 +51,23 @@ def _prep_kernel(kv_ptr, q_ptr, norm_w_ptr, rope_ptr, slots_ptr, cache_ptr, w_uk
         var = tl.sum(c * c, axis=1) / R
         normed = (c * tl.math.rsqrt(var + eps)[:, None]).to(dt).to(tl.float32)
         w = tl.load(norm_w_ptr + r, mask=r < R, other=0.0).to(tl.float32)
-        tl.store(row + r[None, :], (w[None, :] * normed).to(dt), mask=cm)
+        c_kv = (w[None, :] * normed).to(dt)  # (T, R); masked rows and columns are 0
         ke = tl.load(kv_row + R + 2 * j[None, :], mask=pm, other=0.0).to(tl.float32)
         ko = tl.load(kv_row + R + 2 * j[None, :] + 1, mask=pm, other=0.0).to(tl.float32)
-        tl.store(row + R + 2 * j[None, :], (ke * fr - ko * fi).to(dt), mask=pm)
-        tl.store(row + R + 2 * j[None, :] + 1, (ke * fi + ko * fr).to(dt), mask=pm)
+        pe_e, pe_o = (ke * fr - ko * fi).to(dt), (ke * fi + ko * fr).to(dt)  # (T, Dr/2) even, odd of k_pe
+        if FP8:  # cache.quantize_fp8 of the rounded entry: scale = amax / 448, values = entry / scale
+            amax = tl.maximum(tl.max(tl.abs(c_kv.to(tl.float32)), axis=1),
+                              tl.maximum(tl.max(tl.abs(pe_e.to(tl.float32)), axis=1),
+                                         tl.max(tl.abs(pe_o.to(tl.float32)), axis=1)))  # (T,)
+            sc = tl.maximum(amax, 1e-12) / 448.0
+            tl.store(scale_ptr + slot, sc, mask=tm)
+            sc = sc[:, None]  # IEEE division, as torch divides: the same FP8 bytes
+            c_kv = tl.math.div_rn(c_kv.to(tl.float32), sc).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+            pe_e = tl.math.div_rn(pe_e.to(tl.float32), sc).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+            pe_o = tl.math.div_rn(pe_o.to(tl.float32), sc).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+        tl.store(row + r[None, :], c_kv, mask=cm)
+        tl.store(row + R + 2 * j[None, :], pe_e, mask=pm)
+        tl.store(row + R + 2 * j[None, :] + 1, pe_o, mask=pm)
     q_row = q_ptr + t[:, None] * stride_qn + h * stride_qh  # (T, 1) this head's query
     if rc == 0:  # this head's q_pe, rotated in place
         qe = tl.load(q_row + DN + 2 * j[None, :], mask=pm, other=0.0).to(tl.float32)
@@ -72,12 +88,12 @@ def _prep_kernel(kv_ptr, q_ptr, norm_w_ptr, rope_ptr, slots_ptr, cache_ptr, w_uk
 
 
 @triton.jit
-def _decode_kernel(qlat_ptr, q_ptr, cache_ptr, tables_ptr, ctx_ptr, o_ptr, lse_ptr, scale, split_len,
+def _decode_kernel(qlat_ptr, q_ptr, cache_ptr, kv_scale_ptr, tables_ptr, ctx_ptr, o_ptr, lse_ptr, scale, split_len,
                    num_heads, stride_qlh, stride_qlb, stride_qn, stride_qh, stride_cache, stride_tb,
                    stride_ob, stride_os, stride_oh, stride_lb, stride_ls,
                    R: tl.constexpr, DN: tl.constexpr, DR: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                    BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DR: tl.constexpr, BLOCK_N: tl.constexpr,
-                   PREC: tl.constexpr):
+                   FP8: tl.constexpr, PREC: tl.constexpr):
     b = tl.program_id(0)
     s = tl.program_id(1)
     ctx = tl.load(ctx_ptr + b).to(tl.int32)
@@ -100,9 +116,14 @@ def _decode_kernel(qlat_ptr, q_ptr, cache_ptr, tables_ptr, ctx_ptr, o_ptr, lse_p
         t = start + tl.arange(0, BLOCK_N)
         tm = t < hi
         block = tl.load(tables_ptr + b * stride_tb + t // BLOCK_SIZE, mask=tm, other=0)
-        key = cache_ptr + (block.to(tl.int64) * BLOCK_SIZE + t % BLOCK_SIZE)[:, None] * stride_cache  # (N, 1)
+        slot = block.to(tl.int64) * BLOCK_SIZE + t % BLOCK_SIZE  # (N,)
+        key = cache_ptr + slot[:, None] * stride_cache  # (N, 1)
         k_c = tl.load(key + r[None, :], mask=tm[:, None] & rm[None, :], other=0.0)  # (N, R) latent = value
         k_pe = tl.load(key + R + d[None, :], mask=tm[:, None] & dm[None, :], other=0.0)  # (N, Dr)
+        if FP8:  # float8_e4m3 bytes times the slot's scale, rounded to the compute dtype
+            ks = tl.load(kv_scale_ptr + slot, mask=tm, other=0.0)[:, None]  # (N, 1)
+            k_c = (k_c.to(tl.float8e4nv, bitcast=True).to(tl.float32) * ks).to(q_lat.dtype)
+            k_pe = (k_pe.to(tl.float8e4nv, bitcast=True).to(tl.float32) * ks).to(q_lat.dtype)
         scores = tl.dot(q_lat, tl.trans(k_c), input_precision=PREC)
         scores = tl.dot(q_pe, tl.trans(k_pe), scores, input_precision=PREC) * scale  # (H, N)
         scores = tl.where(tm[None, :], scores, float("-inf"))
@@ -161,10 +182,22 @@ def _pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(n))
 
 
+def _scales(cache: torch.Tensor, kv_scale: torch.Tensor | None) -> torch.Tensor:
+    """The scale pointer the kernels take: an FP8 cache's (slots,) scales, else any tensor (never read)."""
+    if kv_scale is None:
+        return cache
+    if cache.dtype != torch.uint8 or kv_scale.dtype != torch.float32 or kv_scale.shape != cache.shape[:1]:
+        raise ValueError(f"an FP8 cache is uint8 (slots, R+Dr) with float32 (slots,) scales, got {cache.dtype} "
+                         f"{tuple(cache.shape)} and {kv_scale.dtype} {tuple(kv_scale.shape)}")
+    return kv_scale
+
+
 def mla_prep(kv: torch.Tensor, q: torch.Tensor, norm_w: torch.Tensor, rope: torch.Tensor, slots: torch.Tensor,
-             cache: torch.Tensor, eps: float, nope_dim: int, w_uk: torch.Tensor | None = None) -> torch.Tensor | None:
+             cache: torch.Tensor, eps: float, nope_dim: int, w_uk: torch.Tensor | None = None,
+             kv_scale: torch.Tensor | None = None) -> torch.Tensor | None:
     """kv (N, R+Dr) = [c_kv | k_pe] before norm and rope; q (N, Hn, Dn+Dr), its q_pe rotated in place;
-    rope (N, Dr/2, 2) fp32; cache (slots, R+Dr) one layer's entries, written at ``slots`` (N,).
+    rope (N, Dr/2, 2) fp32; cache (slots, R+Dr) one layer's entries, written at ``slots`` (N,): in q's dtype, or
+    FP8 bytes (uint8) with ``kv_scale`` (slots,) float32 receiving each entry's scale.
     With ``w_uk`` (Hn, Dn, R) also returns the absorbed query q_lat = q_nope W_UK, (Hn, N, R)."""
     n, width = kv.shape
     num_heads, dq = q.shape[1], q.shape[2]
@@ -175,10 +208,11 @@ def mla_prep(kv: torch.Tensor, q: torch.Tensor, norm_w: torch.Tensor, rope: torc
     q_lat = None if w_uk is None else torch.empty(num_heads, n, rank, dtype=q.dtype, device=q.device)  # (Hn, N, R)
     out, w = (q_lat, w_uk) if w_uk is not None else (q, q)  # (unread without w_uk)
     _prep_kernel[(triton.cdiv(n, block_t), num_heads, triton.cdiv(rank, block_rc) if w_uk is not None else 1)](
-        kv, q, norm_w, rope, slots, cache, w, out, eps, n, kv.stride(0), q.stride(0), q.stride(1), cache.stride(0),
-        w.stride(0), w.stride(1), out.stride(0), out.stride(1), R=rank, DN=nope_dim, DR=dr, BLOCK_T=block_t,
-        BLOCK_R=_pow2(rank, 1), BLOCK_HALF=_pow2(dr // 2, 1), BLOCK_DN=_pow2(nope_dim), BLOCK_RC=block_rc,
-        Q_LAT=w_uk is not None, PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
+        kv, q, norm_w, rope, slots, cache, _scales(cache, kv_scale), w, out, eps, n, kv.stride(0), q.stride(0),
+        q.stride(1), cache.stride(0), w.stride(0), w.stride(1), out.stride(0), out.stride(1), R=rank, DN=nope_dim,
+        DR=dr, BLOCK_T=block_t, BLOCK_R=_pow2(rank, 1), BLOCK_HALF=_pow2(dr // 2, 1), BLOCK_DN=_pow2(nope_dim),
+        BLOCK_RC=block_rc, Q_LAT=w_uk is not None, FP8=kv_scale is not None,
+        PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
     return q_lat
 
 
@@ -195,10 +229,11 @@ def split_len(batch: int, context: int, block_n: int, num_sms: int, per_sm: int)
 
 def mla_decode(q_lat: torch.Tensor, q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
                context_lens: torch.Tensor, block_size: int, max_context: int, scale: float, nope_dim: int,
-               num_sms: int, w_uv_t: torch.Tensor) -> torch.Tensor:
+               num_sms: int, w_uv_t: torch.Tensor, kv_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Absorbed attention of one new token per sequence, up to the value heads.
 
-    q_lat (Hn, B, R) = q_nope W_UK; q (B, Hn, Dn+Dr) holding rotated q_pe; cache (slots, R+Dr) one layer;
+    q_lat (Hn, B, R) = q_nope W_UK; q (B, Hn, Dn+Dr) holding rotated q_pe; cache (slots, R+Dr) one layer (FP8
+    bytes with ``kv_scale`` (slots,), as mla_prep writes them);
     block_tables (B, max_blocks); context_lens (B,) keys per sequence (<= max_context); w_uv_t (Hn, R, Dv).
     -> (B, Hn*Dv): per head out_lat W_UV, laid out as o_proj reads it.
     """
@@ -215,10 +250,11 @@ def mla_decode(q_lat: torch.Tensor, q: torch.Tensor, cache: torch.Tensor, block_
     o = torch.empty(b, splits, num_heads, rank, dtype=torch.float32, device=q.device)  # (B, S, Hn, R)
     lse = torch.empty(b, splits, num_heads, dtype=torch.float32, device=q.device)  # (B, S, Hn)
     _decode_kernel[(b, splits)](
-        q_lat, q, cache, block_tables, context_lens, o, lse, scale, per_split, num_heads, q_lat.stride(0),
+        q_lat, q, cache, _scales(cache, kv_scale), block_tables, context_lens, o, lse, scale, per_split, num_heads,
+        q_lat.stride(0),
         q_lat.stride(1), q.stride(0), q.stride(1), cache.stride(0), block_tables.stride(0), o.stride(0),
         o.stride(1), o.stride(2), lse.stride(0), lse.stride(1), R=rank, DN=nope_dim, DR=dr, BLOCK_SIZE=block_size,
-        BLOCK_H=block_h, BLOCK_R=block_r, BLOCK_DR=_pow2(dr), BLOCK_N=block_n, PREC=prec,
+        BLOCK_H=block_h, BLOCK_R=block_r, BLOCK_DR=_pow2(dr), BLOCK_N=block_n, FP8=kv_scale is not None, PREC=prec,
         num_warps=min(t["num_warps"], 4) if block_r <= 256 else t["num_warps"], num_stages=t["num_stages"])
     out = torch.empty(b, num_heads * dv, dtype=q.dtype, device=q.device)  # (B, Hn*Dv)
     # Small batches (many splits): a program per sequence; larger ones: 16 sequences a program, through tl.dot.

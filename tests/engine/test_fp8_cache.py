@@ -67,5 +67,3 @@ def test_fp8_cache_engine_stays_close_to_the_full_precision_cache(small_model):
 def test_fp8_cache_options_are_checked(small_model):
     with pytest.raises(ValueError, match="kv_dtype must be 'auto'"):
         Engine.from_model(small_model, use_tqdm=False, kv_dtype="int8")
-    with pytest.raises(ValueError, match="runs on the torch decode path"):
-        Engine.from_model(small_model, use_tqdm=False, kv_dtype="fp8", decode_kernels="triton")
