@@ -251,9 +251,9 @@ def mla_decode(q_lat: torch.Tensor, q: torch.Tensor, cache: torch.Tensor, block_
     lse = torch.empty(b, splits, num_heads, dtype=torch.float32, device=q.device)  # (B, S, Hn)
     _decode_kernel[(b, splits)](
         q_lat, q, cache, _scales(cache, kv_scale), block_tables, context_lens, o, lse, scale, per_split, num_heads,
-        q_lat.stride(0),
-        q_lat.stride(1), q.stride(0), q.stride(1), cache.stride(0), block_tables.stride(0), o.stride(0),
-        o.stride(1), o.stride(2), lse.stride(0), lse.stride(1), R=rank, DN=nope_dim, DR=dr, BLOCK_SIZE=block_size,
+        q_lat.stride(0), q_lat.stride(1), q.stride(0), q.stride(1), cache.stride(0), block_tables.stride(0),
+        o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1), R=rank, DN=nope_dim, DR=dr,
+        BLOCK_SIZE=block_size,
         BLOCK_H=block_h, BLOCK_R=block_r, BLOCK_DR=_pow2(dr), BLOCK_N=block_n, FP8=kv_scale is not None, PREC=prec,
         num_warps=min(t["num_warps"], 4) if block_r <= 256 else t["num_warps"], num_stages=t["num_stages"])
     out = torch.empty(b, num_heads * dv, dtype=q.dtype, device=q.device)  # (B, Hn*Dv)
