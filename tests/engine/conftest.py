@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")   # Triton kernels, where tests run them, on the CPU interpreter
 from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
 
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,

@@ -1,6 +1,6 @@
 """The MLA kernels on an FP8 latent cache: prep writes what ``quantize_fp8`` would, decode reads it as
-``LatentCache.gather`` would. On CUDA, or on the CPU under Triton's interpreter (conftest sets TRITON_INTERPRET
-when there is no GPU); skipped where Triton is not installed."""
+``LatentCache.gather`` would. On CUDA, or on the CPU under Triton's interpreter (tests/conftest.py sets
+TRITON_INTERPRET when there is no GPU); skipped where Triton is not installed."""
 
 import pytest
 import torch
