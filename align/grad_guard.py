@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import weakref
 from pathlib import Path
 
 import torch
@@ -113,3 +114,11 @@ class GradGuard(TrainerCallback):
         if self.in_a_row >= self.cfg.max_consecutive:
             raise RuntimeError(f"{self.in_a_row} optimizer steps in a row had non-finite gradients (last at step "
                                f"{step}); stopping. Where they were: {self.path}")
+
+
+def attach(trainer, cfg: GradGuardSection, out: Path) -> GradGuard:
+    """Add a GradGuard to a TRL trainer; each optimizer step's skip goes into its metrics as ``grad/skipped``."""
+    ref = weakref.ref(trainer)                              # the trainer holds the callback: no reference cycle
+    guard = GradGuard(cfg, out, on_step=lambda skipped: ref()._metrics["train"]["grad/skipped"].append(float(skipped)))
+    trainer.add_callback(guard)
+    return guard

@@ -26,7 +26,8 @@ from align.data import DataError
 from align.dynamic_sampling import DynamicSamplingSection, GroupFilter, RewardMemo
 from align.engine_rollout import EngineRollout, Timers, timed_reward
 from align.expert_load import health_metrics
-from align.grad_guard import GradGuard, GradGuardSection
+from align import grad_guard
+from align.grad_guard import GradGuardSection
 from align.overlap import Overlap
 from align.grpo_prompts import GRPOData, PromptSource
 from align.metrics import heldout_footing, heldout_math, write_metrics
@@ -310,8 +311,7 @@ class GRPORun:
         ref = weakref.ref(self.trainer)
         self.trainer.add_callback(StepMetrics(ref, self.rollout, self.timers, r.rollout.min_load_entropy, moe))
         self.trainer.add_callback(LearningCurves(ref, r.curves, r.eval, self.tokenizer, r.seed, self.out))
-        self.trainer.add_callback(GradGuard(r.grad_guard, self.out, on_step=lambda skipped: ref()._metrics["train"][
-            "grad/skipped"].append(float(skipped))))
+        grad_guard.attach(self.trainer, r.grad_guard, self.out)
 
     def _prompts_needed(self) -> int | None:
         """Unique prompts a run consumes when each step's come fresh (None when the run is sized in epochs)."""

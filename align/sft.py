@@ -21,7 +21,7 @@ from datasets import Dataset
 from align import recipe as recipes
 from align.data import load_rows, to_messages
 from align.expert_balance import MoESection, balance_loss
-from align.grad_guard import GradGuard
+from align import grad_guard
 from align.metrics import heldout_math, write_metrics
 from align.model import count_parameters, load_tokenizer
 from align.router_hooks import RouterHooks
@@ -118,11 +118,7 @@ class SFTRun:
                 raise recipes.RecipeError(f"{self.loaded.source}: moe: the balance loss needs a MoE model")
         self.consistency = RankConsistency()
         self.trainer.add_callback(self.consistency)
-        import weakref
-
-        ref = weakref.ref(self.trainer)
-        self.trainer.add_callback(GradGuard(r.grad_guard, self.out, on_step=lambda skipped: ref()._metrics["train"][
-            "grad/skipped"].append(float(skipped))))
+        grad_guard.attach(self.trainer, r.grad_guard, self.out)
 
     def train(self) -> dict:
         metrics = train_or_resume(self.trainer, self.out, self.resume, self.state.num_processes)

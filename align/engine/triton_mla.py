@@ -56,15 +56,15 @@ def _prep_kernel(kv_ptr, q_ptr, norm_w_ptr, rope_ptr, slots_ptr, cache_ptr, scal
         ko = tl.load(kv_row + R + 2 * j[None, :] + 1, mask=pm, other=0.0).to(tl.float32)
         pe_e, pe_o = (ke * fr - ko * fi).to(dt), (ke * fi + ko * fr).to(dt)  # (T, Dr/2) even, odd of k_pe
         if FP8:  # cache.quantize_fp8 of the rounded entry: scale = amax / 448, values = entry / scale
-            amax = tl.maximum(tl.max(tl.abs(c_kv.to(tl.float32)), axis=1),
-                              tl.maximum(tl.max(tl.abs(pe_e.to(tl.float32)), axis=1),
-                                         tl.max(tl.abs(pe_o.to(tl.float32)), axis=1)))  # (T,)
+            c_kv, pe_e, pe_o = c_kv.to(tl.float32), pe_e.to(tl.float32), pe_o.to(tl.float32)
+            amax = tl.maximum(tl.max(tl.abs(c_kv), axis=1),
+                              tl.maximum(tl.max(tl.abs(pe_e), axis=1), tl.max(tl.abs(pe_o), axis=1)))  # (T,)
             sc = tl.maximum(amax, 1e-12) / 448.0
             tl.store(scale_ptr + slot, sc, mask=tm)
             sc = sc[:, None]  # IEEE division, as torch divides: the same FP8 bytes
-            c_kv = tl.math.div_rn(c_kv.to(tl.float32), sc).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
-            pe_e = tl.math.div_rn(pe_e.to(tl.float32), sc).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
-            pe_o = tl.math.div_rn(pe_o.to(tl.float32), sc).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+            c_kv = tl.math.div_rn(c_kv, sc).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+            pe_e = tl.math.div_rn(pe_e, sc).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+            pe_o = tl.math.div_rn(pe_o, sc).to(tl.float8e4nv).to(tl.uint8, bitcast=True)
         tl.store(row + r[None, :], c_kv, mask=cm)
         tl.store(row + R + 2 * j[None, :], pe_e, mask=pm)
         tl.store(row + R + 2 * j[None, :] + 1, pe_o, mask=pm)
@@ -253,8 +253,8 @@ def mla_decode(q_lat: torch.Tensor, q: torch.Tensor, cache: torch.Tensor, block_
         q_lat, q, cache, _scales(cache, kv_scale), block_tables, context_lens, o, lse, scale, per_split, num_heads,
         q_lat.stride(0), q_lat.stride(1), q.stride(0), q.stride(1), cache.stride(0), block_tables.stride(0),
         o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1), R=rank, DN=nope_dim, DR=dr,
-        BLOCK_SIZE=block_size,
-        BLOCK_H=block_h, BLOCK_R=block_r, BLOCK_DR=_pow2(dr), BLOCK_N=block_n, FP8=kv_scale is not None, PREC=prec,
+        BLOCK_SIZE=block_size, BLOCK_H=block_h, BLOCK_R=block_r, BLOCK_DR=_pow2(dr), BLOCK_N=block_n,
+        FP8=kv_scale is not None, PREC=prec,
         num_warps=min(t["num_warps"], 4) if block_r <= 256 else t["num_warps"], num_stages=t["num_stages"])
     out = torch.empty(b, num_heads * dv, dtype=q.dtype, device=q.device)  # (B, Hn*Dv)
     # Small batches (many splits): a program per sequence; larger ones: 16 sequences a program, through tl.dot.
