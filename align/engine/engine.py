@@ -54,8 +54,8 @@ class Engine:
     scale per token, about half the bytes of bf16, read and written by the fused kernels on GPUs with FP8
     conversions (compute capability 8.9+), by the torch path elsewhere; see cache.py). ``weight_dtype``
     (``from_model`` / ``from_pretrained`` / ``from_config`` only; 'auto' or 'fp8': the attention and MLP / expert
-    projections in float8_e4m3 with 128 x 128 block scales, quantised on every load; torch path, see
-    fp8_weights.py).
+    projections in float8_e4m3 with 128 x 128 block scales, quantised on every load; read as bytes by the fused
+    kernels on GPUs with FP8 conversions, dequantised where used by the torch path elsewhere; see fp8_weights.py).
     """
 
     def __init__(self, config, weights: ModelWeights, *, max_num_seqs: int = 64,
@@ -86,15 +86,11 @@ class Engine:
         if kv_dtype not in ("auto", "fp8"):
             raise ValueError(f"kv_dtype must be 'auto' (the engine's dtype) or 'fp8', got {kv_dtype!r}")
         cache_dtype = FP8 if kv_dtype == "fp8" else self.dtype
-        if kv_dtype == "fp8" and self.device.type == "cuda" and torch.cuda.get_device_capability(self.device) < (8, 9):
+        fp8_parts = [p for p, on in (("kv_dtype='fp8'", kv_dtype == "fp8"), ("FP8 weights", weights.fp8)) if on]
+        if fp8_parts and self.device.type == "cuda" and torch.cuda.get_device_capability(self.device) < (8, 9):
             if decode_kernels == "triton":
-                raise ValueError("kv_dtype='fp8' on the fused kernels needs FP8 conversions (compute capability "
-                                 "8.9+); pass decode_kernels='torch' or 'auto'")
-            decode_kernels = "torch"
-        if weights.fp8:
-            if decode_kernels == "triton":
-                raise ValueError("FP8 weights run on the torch path; the fused Triton kernels read bf16/fp32 "
-                                 "weights (pass decode_kernels='torch' or 'auto')")
+                raise ValueError(f"{' and '.join(fp8_parts)} on the fused kernels need FP8 conversions (compute "
+                                 "capability 8.9+); pass decode_kernels='torch' or 'auto'")
             decode_kernels = "torch"
         per_token = kv_bytes_per_token(config, cache_dtype)
         if num_blocks is None:

@@ -5,7 +5,7 @@ the residual add is fused into the next RMSNorm (which also computes the router'
 tokens), the MLA cache write, norm, rope and the W_UK product into one kernel, the W_UV product into the
 attention's split reduce, and the routed experts run as sorted grouped matmuls that read each used expert's
 weights once (``triton_moe``). Dense matmuls
-stay with cuBLAS. Decode attention reads the paged cache through the block tables (``triton_mla``); a prefill
+stay with cuBLAS, except on FP8 weights, which every matmul but the head's reads as bytes (``triton_fp8``). Decode attention reads the paged cache through the block tables (``triton_mla``); a prefill
 attends in the expanded form over the gathered context, as the torch path does. Small prefills are bound by
 the host launching kernels, not by the GPU (a 128-token prompt of DeepSeek-V2-Lite: ~1,800 launches, ~58 ms,
 ~15 ms of GPU work), so fewer launches is what speeds them up; large ones keep the torch path, whose grouped
@@ -21,9 +21,10 @@ import torch.nn.functional as F
 
 from .attention import LATENT_NORM_EPS, AttnBatch, MLAShape, expanded_attention
 from .cache import LatentCache
+from .fp8_weights import Fp8Weight
 from .moe import Routing
 from .ops import rms_norm
-from .weights import AttentionWeights, DenseMLPWeights, ModelWeights, MoEWeights
+from .weights import AttentionWeights, DenseMLPWeights, ModelWeights, MoEWeights, Weight
 
 
 def available(config, device: torch.device) -> str | None:
@@ -41,9 +42,9 @@ def available(config, device: torch.device) -> str | None:
 
 class FusedDecoder:
     def __init__(self, weights: ModelWeights, cache: LatentCache, shape: MLAShape, routing: Routing, eps: float):
-        from . import triton_mla, triton_moe, triton_ops
+        from . import triton_fp8, triton_mla, triton_moe, triton_ops
 
-        self.mla, self.moe, self.ops = triton_mla, triton_moe, triton_ops
+        self.mla, self.moe, self.ops, self.fp8 = triton_mla, triton_moe, triton_ops, triton_fp8
         self.max_shared_rows = triton_moe.MAX_SHARED_ROWS  # steps this small: shared experts in the expert kernels
         self.max_router_rows = triton_ops.MAX_ROUTER_ROWS  # and router logits in the norm kernel
         self.weights = weights
@@ -92,14 +93,14 @@ class FusedDecoder:
         s = self.shape
         n, hn, dn = x.shape[0], s.num_heads, s.nope_dim
         if a.x_proj is not None:  # both projections of x in one matmul; q and kv are column slices of it
-            both = F.linear(x, a.x_proj, a.x_proj_bias)  # (B, Q + R+Dr)
+            both = self._linear(x, a.x_proj, a.x_proj_bias)  # (B, Q + R+Dr)
             q, kv = both.split([both.shape[1] - a.kv_a_proj.shape[0], a.kv_a_proj.shape[0]], dim=1)
         else:
-            q = F.linear(x, a.q_proj if a.q_proj is not None else a.q_a_proj,
-                         None if a.q_proj is not None else a.q_a_bias)
-            kv = F.linear(x, a.kv_a_proj, a.kv_a_bias)  # (B, R+Dr)
+            q = self._linear(x, a.q_proj if a.q_proj is not None else a.q_a_proj,
+                             None if a.q_proj is not None else a.q_a_bias)
+            kv = self._linear(x, a.kv_a_proj, a.kv_a_bias)  # (B, R+Dr)
         if a.q_proj is None:
-            q = F.linear(rms_norm(q, a.q_a_norm, LATENT_NORM_EPS), a.q_b_proj)
+            q = self._linear(rms_norm(q, a.q_a_norm, LATENT_NORM_EPS), a.q_b_proj)
         q = q.view(n, hn, dn + s.rope_dim)  # (B, Hn, Dq)
         entries = self.cache.kv[layer].view(-1, self.cache.kv.shape[-1])  # (slots, R+Dr), FP8 bytes or dtype
         scales = self.cache.scale[layer].view(-1) if self.cache.fp8 else None  # (slots,) FP8 entries' scales
@@ -114,7 +115,7 @@ class FusedDecoder:
             out = self.mla.mla_decode(q_lat, q, entries, batch.block_tables, batch.context_lens,
                                       self.cache.block_size, batch.context_len, s.scale, dn, self.num_sms,
                                       a.w_uv_t, kv_scale=scales)  # (B, Hn*Dv)
-        return F.linear(out, a.o_proj, a.o_bias)
+        return self._linear(out, a.o_proj, a.o_bias)
 
     def _moe(self, m: MoEWeights, x: torch.Tensor, logits: torch.Tensor, h: torch.Tensor, next_norm: torch.Tensor):
         plan = self.moe.route_and_plan(logits, self.routing)
@@ -129,5 +130,11 @@ class FusedDecoder:
         return self.moe.combine_add_norm(y, plan, shared, h, next_norm, self.eps), plan.idx
 
     def _dense(self, mlp: DenseMLPWeights, x: torch.Tensor) -> torch.Tensor:
-        act = self.ops.silu_mul(F.linear(x, mlp.gate_up, mlp.gate_up_bias))  # (B, I)
-        return F.linear(act, mlp.down, mlp.down_bias)
+        act = self.ops.silu_mul(self._linear(x, mlp.gate_up, mlp.gate_up_bias))  # (B, I)
+        return self._linear(act, mlp.down, mlp.down_bias)
+
+    def _linear(self, x: torch.Tensor, w: Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """A projection: cuBLAS on a plain weight, the FP8-reading kernel on an ``Fp8Weight``."""
+        if isinstance(w, Fp8Weight):
+            return self.fp8.fp8_linear(x, w, bias, self.num_sms)
+        return F.linear(x, w, bias)

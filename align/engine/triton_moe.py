@@ -28,7 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .fp8_weights import BLOCK, Fp8Weight
 from .triton_ops import _rms_norm_store
+from .weights import Weight
 
 
 @triton.jit
@@ -125,11 +127,21 @@ def _place_kernel(idx_ptr, w_ptr, hist_ptr, n_assign, n_experts, n_blocks, count
 
 
 @triton.jit
-def _gate_up_tile(x_ptr, rows_ptr, start, count, wg_ptr, wu_ptr, out_ptr, hidden, stride_xm, stride_om, n, nmask,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                  PREC: tl.constexpr, ALL_ROWS: tl.constexpr):
+def _dequant(w, s_ptr, k0, nmask, dtype):
+    """(K, N) float8_e4m3 bytes (uint8) of weight rows whose K columns start at column k0 -> (K, N) ``dtype``:
+    each value times its row's scale for the 128-column block that holds k0, rounded to ``dtype`` (as
+    ``Fp8Weight.dequant`` rounds). The tile must lie inside that block (``BLOCK_K`` divides 128, k0 a multiple)."""
+    s = tl.load(s_ptr + k0 // 128, mask=nmask[None, :], other=0.0)  # (1, N) fp32
+    return (w.to(tl.float8e4nv, bitcast=True).to(tl.float32) * s).to(dtype)
+
+
+@triton.jit
+def _gate_up_tile(x_ptr, rows_ptr, start, count, wg_ptr, wu_ptr, sg_ptr, su_ptr, out_ptr, hidden, stride_xm,
+                  stride_om, n, nmask, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  EVEN_K: tl.constexpr, PREC: tl.constexpr, ALL_ROWS: tl.constexpr, FP8: tl.constexpr):
     """act(x W_gate) * (x W_up) for rows ``rows_ptr[start:start+count]`` of x (``ALL_ROWS``: rows 0..count-1);
-    wg/wu_ptr (1, N) weight rows, out_ptr the first output column, rows written at start + r."""
+    wg/wu_ptr (1, N) weight rows, out_ptr the first output column, rows written at start + r. ``FP8``: the
+    weights are float8_e4m3 bytes and sg/su_ptr (1, N) their rows' block scales (``_dequant``)."""
     kk = tl.arange(0, BLOCK_K)
     dt = out_ptr.dtype.element_ty
     for m0 in range(0, count, BLOCK_M):
@@ -153,6 +165,9 @@ def _gate_up_tile(x_ptr, rows_ptr, start, count, wg_ptr, wu_ptr, out_ptr, hidden
                 a = tl.load(a_ptr + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
                 wg = tl.load(wg_ptr + k[:, None], mask=nmask[None, :] & kmask[:, None], other=0.0)
                 wu = tl.load(wu_ptr + k[:, None], mask=nmask[None, :] & kmask[:, None], other=0.0)
+            if FP8:
+                wg = _dequant(wg, sg_ptr, k0, nmask, a.dtype)
+                wu = _dequant(wu, su_ptr, k0, nmask, a.dtype)
             acc_g = tl.dot(a, wg, acc_g, input_precision=PREC)  # (M, K) x (K, N)
             acc_u = tl.dot(a, wu, acc_u, input_precision=PREC)
         gate = acc_g.to(dt).to(tl.float32)
@@ -166,10 +181,12 @@ def _gate_up_tile(x_ptr, rows_ptr, start, count, wg_ptr, wu_ptr, out_ptr, hidden
 def _gate_up_kernel(x_ptr, w_ptr, out_ptr, sorted_tok_ptr, starts_ptr, counts_ptr, active_ptr, n_active_ptr,
                     hidden, inter, stride_xm, stride_we, stride_wn, stride_om, routed_slots,
                     sw_ptr, s_out_ptr, n_tokens, shared_inter, stride_swn, stride_som,
+                    ws_ptr, stride_wse, stride_wsn, sws_ptr, stride_swsn,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    EVEN_K: tl.constexpr, PREC: tl.constexpr):
+                    EVEN_K: tl.constexpr, PREC: tl.constexpr, FP8: tl.constexpr):
     """Programs (slot, column tile): slots below ``routed_slots`` serve the experts in use; the ones after them
-    (if launched) the shared experts, ``inter`` columns of the shared MLP each, for every token."""
+    (if launched) the shared experts, ``inter`` columns of the shared MLP each, for every token. ws/sws_ptr:
+    the routed / shared weights' per-row block scales (``FP8``; otherwise never read)."""
     slot = tl.program_id(0)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < inter
@@ -177,22 +194,27 @@ def _gate_up_kernel(x_ptr, w_ptr, out_ptr, sorted_tok_ptr, starts_ptr, counts_pt
         if slot < tl.load(n_active_ptr):
             e = tl.load(active_ptr + slot)
             wg_ptr = w_ptr + e.to(tl.int64) * stride_we + n[None, :] * stride_wn  # (1, N) rows of W_gate
+            sg_ptr = ws_ptr + e.to(tl.int64) * stride_wse + n[None, :] * stride_wsn  # and their scales
             _gate_up_tile(x_ptr, sorted_tok_ptr, tl.load(starts_ptr + e), tl.load(counts_ptr + e), wg_ptr,
-                          wg_ptr + inter * stride_wn, out_ptr, hidden, stride_xm, stride_om, n, nmask,
-                          BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PREC, False)  # W_up rows follow the gate rows
+                          wg_ptr + inter * stride_wn, sg_ptr, sg_ptr + inter * stride_wsn, out_ptr, hidden,
+                          stride_xm, stride_om, n, nmask, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PREC, False,
+                          FP8)  # W_up rows follow the gate rows
     else:
         col = (slot - routed_slots) * inter  # this slot's first column of the shared MLP
         wg_ptr = sw_ptr + (col + n[None, :]).to(tl.int64) * stride_swn
-        _gate_up_tile(x_ptr, x_ptr, 0, n_tokens, wg_ptr, wg_ptr + shared_inter * stride_swn, s_out_ptr + col,
-                      hidden, stride_xm, stride_som, n, nmask, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PREC, True)
+        sg_ptr = sws_ptr + (col + n[None, :]).to(tl.int64) * stride_swsn
+        _gate_up_tile(x_ptr, x_ptr, 0, n_tokens, wg_ptr, wg_ptr + shared_inter * stride_swn, sg_ptr,
+                      sg_ptr + shared_inter * stride_swsn, s_out_ptr + col, hidden, stride_xm, stride_som, n, nmask,
+                      BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PREC, True, FP8)
 
 
 @triton.jit
-def _down_tile(a_ptr, start, count, kdim, wd_ptr, w_rows_ptr, out_ptr, stride_am, stride_om, n, nmask,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-               PREC: tl.constexpr, WEIGHTED: tl.constexpr):
+def _down_tile(a_ptr, start, count, kdim, wd_ptr, sd_ptr, k_base, w_rows_ptr, out_ptr, stride_am, stride_om, n,
+               nmask, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+               PREC: tl.constexpr, WEIGHTED: tl.constexpr, FP8: tl.constexpr):
     """Rows start..start+count of a (kdim wide) times W_down (wd_ptr (1, N) rows), times each row's weight
-    (``w_rows_ptr``, if ``WEIGHTED``)."""
+    (``w_rows_ptr``, if ``WEIGHTED``). ``FP8``: sd_ptr (1, N) the rows' block scales, the tile's columns
+    starting ``k_base`` columns into the weight."""
     kk = tl.arange(0, BLOCK_K)
     dt = out_ptr.dtype.element_ty
     for m0 in range(0, count, BLOCK_M):
@@ -209,6 +231,8 @@ def _down_tile(a_ptr, start, count, kdim, wd_ptr, w_rows_ptr, out_ptr, stride_am
                 kmask = k < kdim
                 a = tl.load(row_ptr + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
                 w = tl.load(wd_ptr + k[:, None], mask=nmask[None, :] & kmask[:, None], other=0.0)
+            if FP8:
+                w = _dequant(w, sd_ptr, k_base + k0, nmask, a.dtype)
             acc = tl.dot(a, w, acc, input_precision=PREC)
         if WEIGHTED:
             weight = tl.load(w_rows_ptr + start + r, mask=rmask, other=0.0)  # (M,) fp32 routing weights
@@ -222,8 +246,9 @@ def _down_tile(a_ptr, start, count, kdim, wd_ptr, w_rows_ptr, out_ptr, stride_am
 def _down_kernel(a_ptr, w_ptr, out_ptr, sorted_w_ptr, starts_ptr, counts_ptr, active_ptr, n_active_ptr,
                  inter, hidden, stride_am, stride_we, stride_wn, stride_om, routed_slots,
                  sa_ptr, sw_ptr, s_out_ptr, n_tokens, stride_sam, stride_swn, stride_sop, stride_som,
+                 ws_ptr, stride_wse, stride_wsn, sws_ptr, stride_swsn,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN_K: tl.constexpr, PREC: tl.constexpr):
+                 EVEN_K: tl.constexpr, PREC: tl.constexpr, FP8: tl.constexpr):
     """Programs (slot, column tile): the experts in use, then (if launched) the shared experts' slots, each over
     ``inter`` of their hidden units (so every program streams as much weight), writing fp32 partial sums."""
     slot = tl.program_id(0)
@@ -233,14 +258,17 @@ def _down_kernel(a_ptr, w_ptr, out_ptr, sorted_w_ptr, starts_ptr, counts_ptr, ac
         if slot < tl.load(n_active_ptr):
             e = tl.load(active_ptr + slot)
             wd_ptr = w_ptr + e.to(tl.int64) * stride_we + n[None, :] * stride_wn
-            _down_tile(a_ptr, tl.load(starts_ptr + e), tl.load(counts_ptr + e), inter, wd_ptr, sorted_w_ptr,
-                       out_ptr, stride_am, stride_om, n, nmask, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PREC, True)
+            sd_ptr = ws_ptr + e.to(tl.int64) * stride_wse + n[None, :] * stride_wsn
+            _down_tile(a_ptr, tl.load(starts_ptr + e), tl.load(counts_ptr + e), inter, wd_ptr, sd_ptr, 0,
+                       sorted_w_ptr, out_ptr, stride_am, stride_om, n, nmask, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+                       PREC, True, FP8)
     else:
         part = slot - routed_slots  # hidden units part*inter .. (part+1)*inter of the shared MLP
         wd_ptr = sw_ptr + n[None, :].to(tl.int64) * stride_swn + part * inter
-        _down_tile(sa_ptr + part * inter, 0, n_tokens, inter, wd_ptr, sa_ptr, s_out_ptr + part * stride_sop,
-                   stride_sam, stride_som, n, nmask, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, PREC,
-                   False)  # shared experts are not weighted
+        sd_ptr = sws_ptr + n[None, :].to(tl.int64) * stride_swsn
+        _down_tile(sa_ptr + part * inter, 0, n_tokens, inter, wd_ptr, sd_ptr, part * inter, sa_ptr,
+                   s_out_ptr + part * stride_sop, stride_sam, stride_som, n, nmask, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+                   PREC, False, FP8)  # shared experts are not weighted
 
 
 @triton.jit
@@ -353,19 +381,37 @@ def _block_m(n: int, k: int, num_e: int) -> int:
 MAX_SHARED_ROWS = 16
 
 
-def shared_fits(shared_gate_up: torch.Tensor, shared_down: torch.Tensor, inter: int) -> bool:
-    """Whether shared experts of these weights can run inside ``routed_experts``: whole multiples of ``inter``."""
+def shared_fits(shared_gate_up: Weight, shared_down: Weight, inter: int) -> bool:
+    """Whether shared experts of these weights can run inside ``routed_experts``: whole multiples of ``inter``
+    (and for FP8 weights, slots whose reduction ranges do not cut a 128-column scale block)."""
     s_inter = shared_gate_up.shape[0] // 2
-    return s_inter % inter == 0 and shared_down.shape[1] == s_inter
+    fits = s_inter % inter == 0 and shared_down.shape[1] == s_inter
+    if isinstance(shared_down, Fp8Weight):
+        fits = fits and (inter % BLOCK == 0 or s_inter <= BLOCK)
+    return fits
 
 
-def routed_experts(x: torch.Tensor, plan: MoEPlan, gate_up: torch.Tensor, down: torch.Tensor,
-                   shared: tuple[torch.Tensor, torch.Tensor] | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _operand(w: Weight) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A weight as the kernels take it: plain values and no scales, or FP8 bytes (uint8) and per-row scales."""
+    return (w.data.view(torch.uint8), w.scale) if isinstance(w, Fp8Weight) else (w, None)
+
+
+def routed_experts(x: torch.Tensor, plan: MoEPlan, gate_up: Weight, down: Weight,
+                   shared: tuple[Weight, Weight] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(N, H) tokens -> (N*k, H) expert outputs in sorted order, already scaled by the routing weights, and, when
     ``shared`` = (gate_up (2*Is, H), down (H, Is)) is given (``shared_fits``), the shared experts' output from the
     same two launches, ``Is / I`` more slots in each, over every token: (Is / I, N, H) fp32 partial sums (over
-    ``I`` hidden units each) whose sum is the output."""
+    ``I`` hidden units each) whose sum is the output.
+
+    Weights are plain tensors in x's dtype, or all ``Fp8Weight``s: then the kernels read one byte a weight and
+    dequantise each tile as ``Fp8Weight.dequant`` would, so the result equals the same kernels' on the
+    dequantised weights."""
+    fp8 = isinstance(gate_up, Fp8Weight)
+    if any(isinstance(w, Fp8Weight) != fp8 for w in (down, *(shared or ()))):
+        raise ValueError("routed_experts: the expert weights must be all FP8 or all plain tensors")
+    (gate_up, gu_s), (down, dn_s) = _operand(gate_up), _operand(down)
+    if shared is not None:
+        shared = tuple(_operand(w) for w in shared)
     n, hidden = x.shape
     num_e, two_i, _ = gate_up.shape
     inter = two_i // 2
@@ -379,29 +425,42 @@ def routed_experts(x: torch.Tensor, plan: MoEPlan, gate_up: torch.Tensor, down: 
     y = torch.empty(n * k, hidden, dtype=x.dtype, device=x.device)  # (N*k, H)
     # Without shared experts their arguments point at the routed tensors (unread: no program has a shared slot).
     s_gu, s_dn, s_act, s_y, s_slots, s_inter = gate_up, down, act, y[None], 0, 0
+    gu_s, dn_s = (gu_s, dn_s) if fp8 else (x, x)  # scale pointers (never read without FP8)
+    s_gu_s, s_dn_s = gu_s, dn_s
     if shared is not None:
-        s_gu, s_dn = shared
+        (s_gu, s_gu_s), (s_dn, s_dn_s) = shared
+        s_gu_s, s_dn_s = (s_gu_s, s_dn_s) if fp8 else (x, x)
         s_inter = s_gu.shape[0] // 2
         s_slots = s_inter // inter
         s_act = torch.empty(n, s_inter, dtype=x.dtype, device=x.device)  # (N, Is)
         s_y = torch.empty(s_slots, n, hidden, dtype=torch.float32, device=x.device)  # (Is/I, N, H)
     bn = min(t1["block_n"], _pow2(inter))
     bk = min(t1["block_k"] // (2 if fp32 else 1), _pow2(hidden))
+    if fp8 and BLOCK % bk:
+        raise ValueError(f"FP8 expert tiles must lie inside one {BLOCK}-column scale block (block_k {bk})")
     _gate_up_kernel[(slots + s_slots, triton.cdiv(inter, bn))](
         x, gate_up, act, plan.sorted_tok, plan.starts, plan.counts, plan.active, plan.n_active, hidden, inter,
         x.stride(0), gate_up.stride(0), gate_up.stride(1), act.stride(0), slots,
         s_gu, s_act, n, s_inter, s_gu.stride(0), s_act.stride(0),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=hidden % bk == 0, PREC=prec, num_warps=t1["num_warps"],
-        num_stages=t1["num_stages"])
+        gu_s, _stride(gu_s, 0, fp8), _stride(gu_s, 1, fp8), s_gu_s, _stride(s_gu_s, 0, fp8),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=hidden % bk == 0, PREC=prec, FP8=fp8,
+        num_warps=t1["num_warps"], num_stages=t1["num_stages"])
     bn = min(t2["block_n"], _pow2(hidden))
     bk = min(t2["block_k"] // (2 if fp32 else 1), _pow2(inter))
+    if fp8 and BLOCK % bk:
+        raise ValueError(f"FP8 expert tiles must lie inside one {BLOCK}-column scale block (block_k {bk})")
     _down_kernel[(slots + s_slots, triton.cdiv(hidden, bn))](
         act, down, y, plan.sorted_w, plan.starts, plan.counts, plan.active, plan.n_active, inter, hidden,
         act.stride(0), down.stride(0), down.stride(1), y.stride(0), slots,
         s_act, s_dn, s_y, n, s_act.stride(0), s_dn.stride(0), s_y.stride(0), s_y.stride(1),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=inter % bk == 0, PREC=prec, num_warps=t2["num_warps"],
-        num_stages=t2["num_stages"])
+        dn_s, _stride(dn_s, 0, fp8), _stride(dn_s, 1, fp8), s_dn_s, _stride(s_dn_s, 0, fp8),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=inter % bk == 0, PREC=prec, FP8=fp8,
+        num_warps=t2["num_warps"], num_stages=t2["num_stages"])
     return (y, s_y) if shared is not None else (y, None)
+
+
+def _stride(t: torch.Tensor, dim: int, fp8: bool) -> int:
+    return t.stride(dim) if fp8 else 0
 
 
 def combine_add_norm(y: torch.Tensor, plan: MoEPlan, shared: torch.Tensor | None, h: torch.Tensor,

@@ -106,7 +106,5 @@ def test_fp8_weights_about_halve_the_weight_bytes():
 def test_fp8_weight_options_are_checked(small_model):
     with pytest.raises(ValueError, match="weight_dtype must be 'auto'"):
         Engine.from_model(small_model, use_tqdm=False, weight_dtype="int8")
-    with pytest.raises(ValueError, match="FP8 weights run on the torch path"):
-        Engine.from_model(small_model, use_tqdm=False, weight_dtype="fp8", decode_kernels="triton")
     with pytest.raises(TypeError, match="row slices"):
         Engine.from_model(small_model, use_tqdm=False, weight_dtype="fp8").weights.layers[1].mlp.gate_up[0]

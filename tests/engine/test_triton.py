@@ -149,10 +149,12 @@ def test_add_rms_norm_router_matches_torch(n, e, hidden):
     (5, dict(hidden_size=48, moe_intermediate_size=24, q_lora_rank=None, topk_method="greedy",
              first_k_dense_replace=0), 16),  # long prompts prefilled in chunks, attending to cached ones
 ])
-@pytest.mark.parametrize("kv_dtype", ["auto", "fp8"])
-def test_fused_forward_matches_torch_path(tiny, seed, fields, step_tokens, kv_dtype):
+@pytest.mark.parametrize("kv_dtype,weight_dtype", [("auto", "auto"), ("fp8", "auto"), ("auto", "fp8"),
+                                                   ("fp8", "fp8")])
+def test_fused_forward_matches_torch_path(tiny, seed, fields, step_tokens, kv_dtype, weight_dtype):
     """Prefill and decode on the fused kernels against the torch path: same tokens, routed experts and scores
-    (with an FP8 cache too: both paths write the same FP8 entries, up to an entry whose rounding differs)."""
+    (with an FP8 cache too: both paths write the same FP8 entries, up to an entry whose rounding differs; FP8
+    weights: both paths multiply by the same dequantised values)."""
     tol = 1e-4 if kv_dtype == "auto" else 1e-2
     config = tiny.config(seed=seed, **fields)
     model = tiny.model(config, seed=seed)
@@ -162,8 +164,9 @@ def test_fused_forward_matches_torch_path(tiny, seed, fields, step_tokens, kv_dt
     outs, scores, fused_prefills = {}, {}, []
     for kernels in ("torch", "triton"):
         engine = Engine.from_model(model, device="cuda", block_size=4, use_tqdm=False, decode_kernels=kernels,
-                                   cuda_graphs=False, max_num_batched_tokens=step_tokens, kv_dtype=kv_dtype)
-        assert engine.cache.fp8 == (kv_dtype == "fp8")
+                                   cuda_graphs=False, max_num_batched_tokens=step_tokens, kv_dtype=kv_dtype,
+                                   weight_dtype=weight_dtype)
+        assert engine.cache.fp8 == (kv_dtype == "fp8") and engine.weights.fp8 == (weight_dtype == "fp8")
         assert (engine.runner.fused is not None) == (kernels == "triton")
         if engine.runner.fused is not None:
             forward = engine.runner.fused.forward
