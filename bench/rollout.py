@@ -16,7 +16,11 @@ its sequences held at the peak. ``--parity N`` samples N completions with the en
 max |engine - transformers| log-probability of the sampled tokens, transformers scoring the same sequences in
 one forward pass in the same dtype; on CUDA the same comparison with the fused decode kernels switched off
 (the torch decode path) gives the size of the dtype's own noise. ``--compare-lookahead`` adds rows (and a GRPO
-line) for the same engine with its decode look-ahead switched off.
+line) for the same engine with its decode look-ahead switched off. ``--fp8-variants`` runs it all for the engine
+in ``--dtype``, then with an FP8 latent cache, FP8 weights and both (one engine after another, same model and
+prompts; ``--num-blocks`` gives each the same cache), and on CUDA prints each variant's capacity: the sequences
+of ``--capacity-context`` tokens whose cache fits beside its resident weights and ``--reserve-gib`` of working
+memory (the engine's byte counts, like vLLM's "maximum concurrency").
 
     python bench/rollout.py                                   # tiny preset, CPU, fp32, batches 1 and 32
     PYTHONPATH=. python bench/rollout.py --preset lite --device cuda --dtype bfloat16 --prompt-len 128 \
@@ -67,6 +71,14 @@ def parse_args(argv=None):
     p.add_argument("--grpo-new-tokens", type=int, default=512)
     p.add_argument("--parity", type=int, default=0, metavar="N",
                    help="engine vs transformers log-probs of N sampled completions")
+    p.add_argument("--fp8-variants", action="store_true",
+                   help="run everything for the engine in --dtype, then with an FP8 latent cache, FP8 weights and "
+                        "both, one engine after another on the same model and prompts (rows labelled by variant); "
+                        "on CUDA also each variant's capacity in sequences of --capacity-context tokens")
+    p.add_argument("--num-blocks", type=int, default=None,
+                   help="engine cache blocks, the same for every variant (default: the engine's own sizing)")
+    p.add_argument("--capacity-context", type=int, default=4096)
+    p.add_argument("--reserve-gib", type=float, default=8.0, help="working memory left out of the capacity")
     return p.parse_args(argv)
 
 
@@ -197,30 +209,28 @@ def run_grpo(args, engine: Engine, config, device, bw_gbps):
           f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB")
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    dtype = DTYPES[args.dtype]
-    cuda = device.type == "cuda"
-    bw = (args.peak_gbps or copy_gbps(device)) if cuda else None
-    model = build_model(args, dtype, device)
-    config = model.config
+# --fp8-variants: the engine in its dtype (labelled by it), then with an FP8 latent cache, FP8 weights and both.
+VARIANTS = ((None, "auto", "auto"), ("fp8 cache", "fp8", "auto"), ("fp8 weights", "auto", "fp8"),
+            ("fp8 cache + weights", "fp8", "fp8"))
+
+
+def build_engine(args, model, kv_dtype: str, weight_dtype: str) -> Engine:
     max_seqs = max(args.batches + ([args.grpo_prompts * args.grpo_n] if args.grpo else []))
     longest = max(args.prompt_len + args.new_tokens,
                   args.grpo_prompt_len + args.grpo_new_tokens if args.grpo else 0)
-    engine = Engine.from_model(model, max_num_seqs=max_seqs,
-                               max_num_batched_tokens=max(max(args.batches) * args.prompt_len,
-                                                          args.grpo_prompts * args.grpo_prompt_len),
-                               max_model_len=longest + args.block_size, block_size=args.block_size,
-                               use_tqdm=False, seed=args.seed, decode_kernels=args.decode_kernels,
-                               kv_dtype=args.kv_dtype, weight_dtype=args.weight_dtype)
+    return Engine.from_model(model, max_num_seqs=max_seqs,
+                             max_num_batched_tokens=max(max(args.batches) * args.prompt_len,
+                                                        args.grpo_prompts * args.grpo_prompt_len),
+                             max_model_len=longest + args.block_size, block_size=args.block_size,
+                             num_blocks=args.num_blocks, use_tqdm=False, seed=args.seed,
+                             decode_kernels=args.decode_kernels, kv_dtype=kv_dtype, weight_dtype=weight_dtype)
+
+
+def bench_batches(args, model, engine: Engine, config, device, bw, label: str | None, with_hf: bool) -> list[list]:
+    """One table row per batch and implementation (transformers too if ``with_hf``); engine rows carry ``label``."""
+    cuda = device.type == "cuda"
     lookahead = engine.lookahead  # what the engine chose; --compare-lookahead switches it off for some runs
-    g = torch.Generator().manual_seed(args.seed)
-    header = ["impl", "batch", "prompt", "new", "time s", "tokens/s", "engine speedup"]
-    if cuda:
-        header += ["peak GiB", "run extra GiB", "BW fraction, run", "decode ms/step", "BW fraction, step"]
+    g = torch.Generator().manual_seed(args.seed)  # the same prompts for every variant
     rows = []
     for batch in args.batches:
         prompts = torch.randint(0, config.vocab_size, (batch, args.prompt_len), generator=g).tolist()
@@ -228,7 +238,7 @@ def main(argv=None):
         impls = [("engine", lambda: run_engine(engine, prompts, args.new_tokens, device))]
         if args.compare_lookahead:
             impls.append(("engine, no look-ahead", lambda: run_engine(engine, prompts, args.new_tokens, device)))
-        if not args.skip_hf and batch <= args.hf_max_batch:
+        if with_hf and not args.skip_hf and batch <= args.hf_max_batch:
             impls.append(("transformers generate", lambda: run_hf(model, prompts, args.new_tokens, device)))
         for name, fn in impls:
             engine.lookahead = lookahead and name != "engine, no look-ahead"
@@ -255,42 +265,87 @@ def main(argv=None):
         hf = results.get("transformers generate")
         for name, (dt, n, extra) in results.items():
             speed = f"{hf[0] / dt:.2f}x" if (hf and name.startswith("engine")) else ""
-            row = [name, batch, args.prompt_len, args.new_tokens, f"{dt:.2f}", f"{n / dt:.1f}", speed]
+            row = [name if label is None or not name.startswith("engine") else f"{name} ({label})", batch,
+                   args.prompt_len, args.new_tokens, f"{dt:.2f}", f"{n / dt:.1f}", speed]
             if cuda:
                 row += [f"{extra['peak']:.2f}", f"{extra['extra']:.2f}", f"{extra['bw']:.3f}"]
                 row += [f"{extra['step'] * 1e3:.3f}", f"{extra['step_bw']:.3f}"] if "step" in extra else ["", ""]
             rows.append(row)
     engine.lookahead = lookahead
-    fused = engine.runner.fused is not None
-    print(f"\npreset {args.preset} (vocab {config.vocab_size}), {args.dtype} on {device}, random weights, "
-          f"temperature 1, EOS ignored; engine KV {engine.kv_bytes_per_token()} B/token, "
-          f"moe backend {engine.runner.moe_backend}, decode kernels {'triton' if fused else 'torch'}, "
-          f"cuda graphs {bool(engine.graphs and engine.graphs.capture)}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} CPU threads" + (f", copy bandwidth {bw:.0f} GB/s" if cuda else "") + "\n")
-    print("| " + " | ".join(header) + " |")
+    return rows
+
+
+def capacity_line(args, engine: Engine, device, label: str) -> str:
+    """Sequences of ``--capacity-context`` tokens whose cache fits beside this engine's resident weights and
+    ``--reserve-gib`` of working memory on the card (the engine's byte counts, as vLLM's maximum concurrency)."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    room = total - engine.weights.num_bytes() - args.reserve_gib * 2**30
+    seqs = int(room // (args.capacity_context * engine.kv_bytes_per_token()))
+    return (f"capacity ({label}): weights {engine.weights.num_bytes() / 2**30:.2f} GiB, "
+            f"{engine.kv_bytes_per_token()} B/token -> {seqs} sequences of {args.capacity_context} tokens on "
+            f"{total / 2**30:.1f} GiB with {args.reserve_gib} GiB reserved")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    cuda = device.type == "cuda"
+    bw = (args.peak_gbps or copy_gbps(device)) if cuda else None
+    model = build_model(args, dtype, device)
+    config = model.config
+    variants = ([(label or args.dtype, kv, w) for label, kv, w in VARIANTS] if args.fp8_variants
+                else [(None, args.kv_dtype, args.weight_dtype)])
+    header = ["impl", "batch", "prompt", "new", "time s", "tokens/s", "engine speedup"]
+    if cuda:
+        header += ["peak GiB", "run extra GiB", "BW fraction, run", "decode ms/step", "BW fraction, step"]
+    rows, tails = [], []
+    for label, kv_dtype, weight_dtype in variants:
+        engine = build_engine(args, model, kv_dtype, weight_dtype)
+        rows += bench_batches(args, model, engine, config, device, bw, label, with_hf=not rows)
+        fused = engine.runner.fused is not None
+        print(f"\npreset {args.preset} (vocab {config.vocab_size}), {args.dtype} on {device}"
+              + (f" [{label}]" if label else "") + ", random weights, "
+              f"temperature 1, EOS ignored; engine KV {engine.kv_bytes_per_token()} B/token, "
+              f"weights {engine.weights.num_bytes() / 2**30:.2f} GiB, "
+              f"moe backend {engine.runner.moe_backend}, decode kernels {'triton' if fused else 'torch'}, "
+              f"cuda graphs {bool(engine.graphs and engine.graphs.capture)}, torch {torch.__version__}, "
+              f"{torch.get_num_threads()} CPU threads" + (f", copy bandwidth {bw:.0f} GB/s" if cuda else ""))
+        if cuda and label:
+            tails.append(capacity_line(args, engine, device, label))
+        if args.parity:
+            g = torch.Generator().manual_seed(args.seed + 2)
+            prompts = torch.randint(0, config.vocab_size, (args.parity, args.prompt_len), generator=g).tolist()
+            got = parity(model, engine, prompts, args.new_tokens, device)
+            line = (f"log-prob parity, {args.parity} sampled completions of {args.new_tokens} tokens, {args.dtype}: "
+                    f"|engine - transformers| mean {got['mean']:.4g}, max {got['max']:.4g} (mean log-prob "
+                    f"{got['ref_mean_logprob']:.3f})")
+            if fused:
+                with torch_decode(engine):
+                    base = parity(model, engine, prompts, args.new_tokens, device)
+                line += f"; torch decode path: mean {base['mean']:.4g}, max {base['max']:.4g}"
+            print(line)
+        if args.grpo:
+            if not cuda:
+                raise SystemExit("--grpo is a GPU benchmark")
+            run_grpo(args, engine, config, device, bw)
+            if args.compare_lookahead:
+                lookahead = engine.lookahead
+                engine.lookahead = False
+                print("same, look-ahead off:", end="")
+                run_grpo(args, engine, config, device, bw)
+                engine.lookahead = lookahead
+        del engine
+        if cuda:
+            torch.cuda.empty_cache()
+    print("\n| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for row in rows:
         print("| " + " | ".join(str(x) for x in row) + " |")
-    if args.parity:
-        prompts = torch.randint(0, config.vocab_size, (args.parity, args.prompt_len), generator=g).tolist()
-        got = parity(model, engine, prompts, args.new_tokens, device)
-        line = (f"\nlog-prob parity, {args.parity} sampled completions of {args.new_tokens} tokens, {args.dtype}: "
-                f"|engine - transformers| mean {got['mean']:.4g}, max {got['max']:.4g} (mean log-prob "
-                f"{got['ref_mean_logprob']:.3f})")
-        if fused:
-            with torch_decode(engine):
-                base = parity(model, engine, prompts, args.new_tokens, device)
-            line += f"; torch decode path: mean {base['mean']:.4g}, max {base['max']:.4g}"
+    for line in tails:
         print(line)
-    if args.grpo:
-        if not cuda:
-            raise SystemExit("--grpo is a GPU benchmark")
-        run_grpo(args, engine, config, device, bw)
-        if args.compare_lookahead:
-            engine.lookahead = False
-            print("same, look-ahead off:", end="")
-            run_grpo(args, engine, config, device, bw)
-            engine.lookahead = lookahead
 
 
 if __name__ == "__main__":
