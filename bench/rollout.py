@@ -304,7 +304,8 @@ def main(argv=None):
     rows, tails = [], []
     for label, kv_dtype, weight_dtype in variants:
         engine = build_engine(args, model, kv_dtype, weight_dtype)
-        rows += bench_batches(args, model, engine, config, device, bw, label, with_hf=not rows)
+        new_rows = bench_batches(args, model, engine, config, device, bw, label, with_hf=not rows)
+        rows += new_rows
         fused = engine.runner.fused is not None
         print(f"\npreset {args.preset} (vocab {config.vocab_size}), {args.dtype} on {device}"
               + (f" [{label}]" if label else "") + ", random weights, "
@@ -313,8 +314,11 @@ def main(argv=None):
               f"moe backend {engine.runner.moe_backend}, decode kernels {'triton' if fused else 'torch'}, "
               f"cuda graphs {bool(engine.graphs and engine.graphs.capture)}, torch {torch.__version__}, "
               f"{torch.get_num_threads()} CPU threads" + (f", copy bandwidth {bw:.0f} GB/s" if cuda else ""))
+        if len(variants) > 1:  # this variant's rows now, in case a later one fails
+            print("\n".join("| " + " | ".join(str(x) for x in row) + " |" for row in new_rows))
         if cuda and label:
             tails.append(capacity_line(args, engine, device, label))
+            print(tails[-1])
         if args.parity:
             g = torch.Generator().manual_seed(args.seed + 2)
             prompts = torch.randint(0, config.vocab_size, (args.parity, args.prompt_len), generator=g).tolist()
