@@ -18,6 +18,9 @@ width cut into expert-wide ranges (columns for gate_up; for down, summed ranges 
 partial sums combine adds), so every program streams as much weight as a routed expert's, instead of three
 more launches whose cuBLAS matmuls stream a one-row weight at a fraction of the bandwidth.
 
+On FP8 weights (``Fp8Weight``, fp8_weights.py) gate_up and down read one byte a weight and dequantise each tile
+in registers with its rows' block scales, halving the bytes that bound a decode step.
+
 Rounding follows the torch path (``moe.experts_grouped``): matmul outputs are rounded to the activation dtype
 before the activation, the product and the routing weight are applied. No atomics: results are deterministic.
 """
