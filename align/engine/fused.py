@@ -4,11 +4,12 @@ Same maths as ``ModelRunner.forward``'s torch path, about 11 launches per layer 
 the residual add is fused into the next RMSNorm (which also computes the router's logits for steps of a few
 tokens), the MLA cache write, norm, rope and the W_UK product into one kernel, the W_UV product into the
 attention's split reduce, and the routed experts run as sorted grouped matmuls that read each used expert's
-weights once (``triton_moe``). Dense matmuls
-stay with cuBLAS, except on FP8 weights, which every matmul but the head's reads as bytes (``triton_fp8``). Decode attention reads the paged cache through the block tables (``triton_mla``); a prefill
-attends in the expanded form over the gathered context, as the torch path does. Small prefills are bound by
-the host launching kernels, not by the GPU (a 128-token prompt of DeepSeek-V2-Lite: ~1,800 launches, ~58 ms,
-~15 ms of GPU work), so fewer launches is what speeds them up; large ones keep the torch path, whose grouped
+weights once (``triton_moe``). Dense matmuls stay with cuBLAS, except on FP8 weights, which every matmul but
+the head's reads as bytes (``triton_fp8``). Decode attention reads the paged cache through the block tables
+(``triton_mla``); a prefill attends in the expanded form over the gathered context, as the torch path does.
+Small prefills are bound by the host launching kernels, not by the GPU (a 128-token prompt of DeepSeek-V2-Lite:
+~1,800 launches, ~58 ms, ~15 ms of GPU work), so fewer launches is what speeds them up; large ones keep the
+torch path, whose grouped
 matmuls (cuBLAS) do the expert FLOPs better than these memory-bound kernels.
 
 Only built where it can run: a CUDA device, Triton importable, SiLU experts (``available``).
