@@ -9,8 +9,7 @@ the head's reads as bytes (``triton_fp8``). Decode attention reads the paged cac
 (``triton_mla``); a prefill attends in the expanded form over the gathered context, as the torch path does.
 Small prefills are bound by the host launching kernels, not by the GPU (a 128-token prompt of DeepSeek-V2-Lite:
 ~1,800 launches, ~58 ms, ~15 ms of GPU work), so fewer launches is what speeds them up; large ones keep the
-torch path, whose grouped
-matmuls (cuBLAS) do the expert FLOPs better than these memory-bound kernels.
+torch path, whose grouped matmuls (cuBLAS) do the expert FLOPs better than these memory-bound kernels.
 
 Only built where it can run: a CUDA device, Triton importable, SiLU experts (``available``).
 """
