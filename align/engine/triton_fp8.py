@@ -18,6 +18,16 @@ from .fp8_weights import BLOCK, Fp8Weight
 
 
 @triton.jit
+def dequant_tile(w, s_ptr, k0, nmask, dtype):
+    """(K, N) float8_e4m3 bytes (uint8) of weight rows whose K columns start at column k0 -> (K, N) ``dtype``:
+    each value times its row's scale for the 128-column block that holds k0 (s_ptr (1, N) the rows' scales),
+    rounded to ``dtype`` as ``Fp8Weight.dequant`` rounds. The tile must lie inside that block (its width divides
+    128, k0 a multiple of it)."""
+    s = tl.load(s_ptr + k0 // 128, mask=nmask[None, :], other=0.0)  # (1, N) fp32
+    return (w.to(tl.float8e4nv, bitcast=True).to(tl.float32) * s).to(dtype)
+
+
+@triton.jit
 def _fp8_linear_kernel(x_ptr, w_ptr, s_ptr, b_ptr, o_ptr, m, n_out, k_in, stride_xm, stride_wn, stride_sn,
                        stride_om, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        HAS_BIAS: tl.constexpr, PREC: tl.constexpr):
@@ -27,15 +37,14 @@ def _fp8_linear_kernel(x_ptr, w_ptr, s_ptr, b_ptr, o_ptr, m, n_out, k_in, stride
     kk = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + r.to(tl.int64)[:, None] * stride_xm  # (M, 1)
     w_rows = w_ptr + n.to(tl.int64)[None, :] * stride_wn  # (1, N): weight rows are output columns
-    s_rows = s_ptr + n.to(tl.int64) * stride_sn  # (N,)
+    s_rows = s_ptr + n.to(tl.int64)[None, :] * stride_sn  # (1, N) their block scales
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, k_in, BLOCK_K):
         k = k0 + kk
         kmask = k < k_in
         a = tl.load(x_rows + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)  # (M, K)
         w = tl.load(w_rows + k[:, None], mask=nmask[None, :] & kmask[:, None], other=0)  # (K, N) FP8 bytes
-        s = tl.load(s_rows + k0 // 128, mask=nmask, other=0.0)  # (N,) this block's scales
-        w = (w.to(tl.float8e4nv, bitcast=True).to(tl.float32) * s[None, :]).to(a.dtype)
+        w = dequant_tile(w, s_rows, k0, nmask, a.dtype)
         acc = tl.dot(a, w, acc, input_precision=PREC)
     if HAS_BIAS:
         acc += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]

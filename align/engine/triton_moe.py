@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from .fp8_weights import BLOCK, Fp8Weight
+from .triton_fp8 import dequant_tile
 from .triton_ops import _rms_norm_store
 from .weights import Weight
 
@@ -130,21 +131,12 @@ def _place_kernel(idx_ptr, w_ptr, hist_ptr, n_assign, n_experts, n_blocks, count
 
 
 @triton.jit
-def _dequant(w, s_ptr, k0, nmask, dtype):
-    """(K, N) float8_e4m3 bytes (uint8) of weight rows whose K columns start at column k0 -> (K, N) ``dtype``:
-    each value times its row's scale for the 128-column block that holds k0, rounded to ``dtype`` (as
-    ``Fp8Weight.dequant`` rounds). The tile must lie inside that block (``BLOCK_K`` divides 128, k0 a multiple)."""
-    s = tl.load(s_ptr + k0 // 128, mask=nmask[None, :], other=0.0)  # (1, N) fp32
-    return (w.to(tl.float8e4nv, bitcast=True).to(tl.float32) * s).to(dtype)
-
-
-@triton.jit
 def _gate_up_tile(x_ptr, rows_ptr, start, count, wg_ptr, wu_ptr, sg_ptr, su_ptr, out_ptr, hidden, stride_xm,
                   stride_om, n, nmask, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   EVEN_K: tl.constexpr, PREC: tl.constexpr, ALL_ROWS: tl.constexpr, FP8: tl.constexpr):
     """act(x W_gate) * (x W_up) for rows ``rows_ptr[start:start+count]`` of x (``ALL_ROWS``: rows 0..count-1);
     wg/wu_ptr (1, N) weight rows, out_ptr the first output column, rows written at start + r. ``FP8``: the
-    weights are float8_e4m3 bytes and sg/su_ptr (1, N) their rows' block scales (``_dequant``)."""
+    weights are float8_e4m3 bytes and sg/su_ptr (1, N) their rows' block scales (``dequant_tile``)."""
     kk = tl.arange(0, BLOCK_K)
     dt = out_ptr.dtype.element_ty
     for m0 in range(0, count, BLOCK_M):
@@ -169,8 +161,8 @@ def _gate_up_tile(x_ptr, rows_ptr, start, count, wg_ptr, wu_ptr, sg_ptr, su_ptr,
                 wg = tl.load(wg_ptr + k[:, None], mask=nmask[None, :] & kmask[:, None], other=0.0)
                 wu = tl.load(wu_ptr + k[:, None], mask=nmask[None, :] & kmask[:, None], other=0.0)
             if FP8:
-                wg = _dequant(wg, sg_ptr, k0, nmask, a.dtype)
-                wu = _dequant(wu, su_ptr, k0, nmask, a.dtype)
+                wg = dequant_tile(wg, sg_ptr, k0, nmask, a.dtype)
+                wu = dequant_tile(wu, su_ptr, k0, nmask, a.dtype)
             acc_g = tl.dot(a, wg, acc_g, input_precision=PREC)  # (M, K) x (K, N)
             acc_u = tl.dot(a, wu, acc_u, input_precision=PREC)
         gate = acc_g.to(dt).to(tl.float32)
@@ -235,7 +227,7 @@ def _down_tile(a_ptr, start, count, kdim, wd_ptr, sd_ptr, k_base, w_rows_ptr, ou
                 a = tl.load(row_ptr + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
                 w = tl.load(wd_ptr + k[:, None], mask=nmask[None, :] & kmask[:, None], other=0.0)
             if FP8:
-                w = _dequant(w, sd_ptr, k_base + k0, nmask, a.dtype)
+                w = dequant_tile(w, sd_ptr, k_base + k0, nmask, a.dtype)
             acc = tl.dot(a, w, acc, input_precision=PREC)
         if WEIGHTED:
             weight = tl.load(w_rows_ptr + start + r, mask=rmask, other=0.0)  # (M,) fp32 routing weights
@@ -394,9 +386,10 @@ def shared_fits(shared_gate_up: Weight, shared_down: Weight, inter: int) -> bool
     return fits
 
 
-def _operand(w: Weight) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A weight as the kernels take it: plain values and no scales, or FP8 bytes (uint8) and per-row scales."""
-    return (w.data.view(torch.uint8), w.scale) if isinstance(w, Fp8Weight) else (w, None)
+def _operand(w: Weight, unread: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight as the kernels take it: FP8 bytes (uint8) and per-row block scales, or plain values and ``unread``
+    in the scales' place (the kernels do not read scales without FP8)."""
+    return (w.data.view(torch.uint8), w.scale) if isinstance(w, Fp8Weight) else (w, unread)
 
 
 def routed_experts(x: torch.Tensor, plan: MoEPlan, gate_up: Weight, down: Weight,
@@ -412,9 +405,7 @@ def routed_experts(x: torch.Tensor, plan: MoEPlan, gate_up: Weight, down: Weight
     fp8 = isinstance(gate_up, Fp8Weight)
     if any(isinstance(w, Fp8Weight) != fp8 for w in (down, *(shared or ()))):
         raise ValueError("routed_experts: the expert weights must be all FP8 or all plain tensors")
-    (gate_up, gu_s), (down, dn_s) = _operand(gate_up), _operand(down)
-    if shared is not None:
-        shared = tuple(_operand(w) for w in shared)
+    (gate_up, gu_s), (down, dn_s) = _operand(gate_up, x), _operand(down, x)
     n, hidden = x.shape
     num_e, two_i, _ = gate_up.shape
     inter = two_i // 2
@@ -427,43 +418,40 @@ def routed_experts(x: torch.Tensor, plan: MoEPlan, gate_up: Weight, down: Weight
     act = torch.empty(n * k, inter, dtype=x.dtype, device=x.device)  # (N*k, I)
     y = torch.empty(n * k, hidden, dtype=x.dtype, device=x.device)  # (N*k, H)
     # Without shared experts their arguments point at the routed tensors (unread: no program has a shared slot).
-    s_gu, s_dn, s_act, s_y, s_slots, s_inter = gate_up, down, act, y[None], 0, 0
-    gu_s, dn_s = (gu_s, dn_s) if fp8 else (x, x)  # scale pointers (never read without FP8)
-    s_gu_s, s_dn_s = gu_s, dn_s
+    s_gu, s_dn, s_gu_s, s_dn_s, s_act, s_y, s_slots, s_inter = gate_up, down, gu_s, dn_s, act, y[None], 0, 0
     if shared is not None:
-        (s_gu, s_gu_s), (s_dn, s_dn_s) = shared
-        s_gu_s, s_dn_s = (s_gu_s, s_dn_s) if fp8 else (x, x)
+        (s_gu, s_gu_s), (s_dn, s_dn_s) = (_operand(w, x) for w in shared)
         s_inter = s_gu.shape[0] // 2
         s_slots = s_inter // inter
         s_act = torch.empty(n, s_inter, dtype=x.dtype, device=x.device)  # (N, Is)
         s_y = torch.empty(s_slots, n, hidden, dtype=torch.float32, device=x.device)  # (Is/I, N, H)
     bn = min(t1["block_n"], _pow2(inter))
-    bk = min(t1["block_k"] // (2 if fp32 else 1), _pow2(hidden))
-    if fp8 and BLOCK % bk:
-        raise ValueError(f"FP8 expert tiles must lie inside one {BLOCK}-column scale block (block_k {bk})")
+    bk = _block_k(t1, hidden, fp32, fp8)
     _gate_up_kernel[(slots + s_slots, triton.cdiv(inter, bn))](
         x, gate_up, act, plan.sorted_tok, plan.starts, plan.counts, plan.active, plan.n_active, hidden, inter,
         x.stride(0), gate_up.stride(0), gate_up.stride(1), act.stride(0), slots,
         s_gu, s_act, n, s_inter, s_gu.stride(0), s_act.stride(0),
-        gu_s, _stride(gu_s, 0, fp8), _stride(gu_s, 1, fp8), s_gu_s, _stride(s_gu_s, 0, fp8),
+        gu_s, gu_s.stride(0), gu_s.stride(1), s_gu_s, s_gu_s.stride(0),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=hidden % bk == 0, PREC=prec, FP8=fp8,
         num_warps=t1["num_warps"], num_stages=t1["num_stages"])
     bn = min(t2["block_n"], _pow2(hidden))
-    bk = min(t2["block_k"] // (2 if fp32 else 1), _pow2(inter))
-    if fp8 and BLOCK % bk:
-        raise ValueError(f"FP8 expert tiles must lie inside one {BLOCK}-column scale block (block_k {bk})")
+    bk = _block_k(t2, inter, fp32, fp8)
     _down_kernel[(slots + s_slots, triton.cdiv(hidden, bn))](
         act, down, y, plan.sorted_w, plan.starts, plan.counts, plan.active, plan.n_active, inter, hidden,
         act.stride(0), down.stride(0), down.stride(1), y.stride(0), slots,
         s_act, s_dn, s_y, n, s_act.stride(0), s_dn.stride(0), s_y.stride(0), s_y.stride(1),
-        dn_s, _stride(dn_s, 0, fp8), _stride(dn_s, 1, fp8), s_dn_s, _stride(s_dn_s, 0, fp8),
+        dn_s, dn_s.stride(0), dn_s.stride(1), s_dn_s, s_dn_s.stride(0),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=inter % bk == 0, PREC=prec, FP8=fp8,
         num_warps=t2["num_warps"], num_stages=t2["num_stages"])
     return (y, s_y) if shared is not None else (y, None)
 
 
-def _stride(t: torch.Tensor, dim: int, fp8: bool) -> int:
-    return t.stride(dim) if fp8 else 0
+def _block_k(tile: dict, width: int, fp32: bool, fp8: bool) -> int:
+    """Reduction columns per tile step (half in fp32); FP8 tiles must not cut a 128-column scale block."""
+    bk = min(tile["block_k"] // (2 if fp32 else 1), _pow2(width))
+    if fp8 and BLOCK % bk:
+        raise ValueError(f"FP8 expert tiles must lie inside one {BLOCK}-column scale block (block_k {bk})")
+    return bk
 
 
 def combine_add_norm(y: torch.Tensor, plan: MoEPlan, shared: torch.Tensor | None, h: torch.Tensor,
