@@ -286,6 +286,10 @@ def capacity_line(args, engine: Engine, device, label: str) -> str:
             f"{total / 2**30:.1f} GiB with {args.reserve_gib} GiB reserved")
 
 
+def md_row(cells) -> str:
+    return "| " + " | ".join(str(x) for x in cells) + " |"
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.threads:
@@ -315,7 +319,7 @@ def main(argv=None):
               f"cuda graphs {bool(engine.graphs and engine.graphs.capture)}, torch {torch.__version__}, "
               f"{torch.get_num_threads()} CPU threads" + (f", copy bandwidth {bw:.0f} GB/s" if cuda else ""))
         if len(variants) > 1:  # this variant's rows now, in case a later one fails
-            print("\n".join("| " + " | ".join(str(x) for x in row) + " |" for row in new_rows))
+            print("\n".join(md_row(row) for row in new_rows))
         if cuda and label:
             tails.append(capacity_line(args, engine, device, label))
             print(tails[-1])
@@ -344,10 +348,10 @@ def main(argv=None):
         del engine
         if cuda:
             torch.cuda.empty_cache()
-    print("\n| " + " | ".join(header) + " |")
+    print("\n" + md_row(header))
     print("|" + "---|" * len(header))
     for row in rows:
-        print("| " + " | ".join(str(x) for x in row) + " |")
+        print(md_row(row))
     for line in tails:
         print(line)
 
